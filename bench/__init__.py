@@ -1,0 +1,1 @@
+"""Side-by-side DICOMweb benchmark harness for dicomshare and Orthanc (see README.md)."""

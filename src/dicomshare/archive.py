@@ -1,0 +1,242 @@
+"""The archive: the one door for storing, finding, retrieving and deleting instances.
+
+STOW-RS, C-STORE and ``dicomshare import`` all call :meth:`Archive.store_received`;
+QIDO-RS and C-FIND call :meth:`Archive.search`; WADO-RS, C-GET and C-MOVE call
+:meth:`Archive.locate`. The rules below therefore hold for every way in:
+
+- Validate before acknowledging: the bytes must parse, and carry valid SOP Class, SOP
+  Instance, Study and Series UIDs. The received bytes are stored unchanged.
+- Durable before acknowledged: blob fsynced and renamed into place, then the index
+  committed, then success. A crash in between leaves at most an unindexed blob, which
+  ``check`` finds and re-indexes.
+- Same SOP Instance UID again: identical bytes are a no-op success; different bytes are
+  refused (the first object is kept; the caller gets a 0x0111 "duplicate" failure). To
+  replace an instance, delete it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from dicomshare.config import Settings
+from dicomshare.dicom.header import Header, read_header
+from dicomshare.dicom.matching import Query
+from dicomshare.errors import (
+    DicomshareError,
+    DuplicateConflict,
+    NotFound,
+    StorageFailure,
+    StudyMismatch,
+)
+from dicomshare.storage import make_engine, migrate, open_blobs, open_index
+from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance, TempBlob
+from dicomshare.storage.filesystem import FilesystemBlobStore
+from dicomshare.storage.sql import SqlIndex
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+@dataclass
+class StoreResult:
+    """The fate of one received object, as every adapter reports it."""
+
+    sop_class_uid: str | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    outcome: Outcome | None = None
+    error: DicomshareError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class CheckReport:
+    checked: int = 0
+    missing: list[StoredInstance] = field(default_factory=list)
+    corrupt: list[StoredInstance] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.corrupt or self.orphans or self.leftovers)
+
+
+class Archive:
+    def __init__(self, settings: Settings, index: SqlIndex, blobs: FilesystemBlobStore) -> None:
+        self.settings = settings
+        self.index = index
+        self.blobs = blobs
+
+    @classmethod
+    def open(cls, settings: Settings) -> Archive:
+        """Open (initialising or upgrading on first use) the archive the settings name."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url, durable=settings.fsync)
+        migrate(engine)
+        return cls(settings, open_index(engine), open_blobs(settings.blob_dir, settings.fsync))
+
+    def close(self) -> None:
+        self.index.engine.dispose()
+
+    # -- store -----------------------------------------------------------------------------
+    def new_temp(self) -> TempBlob:
+        return self.blobs.new_temp()
+
+    def store_received(self, temps: Iterable[TempBlob],
+                       study_uid: str | None = None) -> list[StoreResult]:
+        """Validate, make durable and index received blobs; one result per blob, in order.
+
+        ``study_uid`` is set for STOW-RS ``POST /studies/{study}``: other studies are refused.
+        """
+        results: list[StoreResult] = []
+        pending: list[tuple[StoreResult, InstanceRecord]] = []
+        for temp in temps:
+            result = StoreResult()
+            results.append(result)
+            try:
+                temp.close()
+                header = read_header(temp.path, self.settings.bulkdata_threshold)
+                _describe(result, header)
+                if study_uid and header.study_uid != study_uid:
+                    raise StudyMismatch(
+                        f"instance belongs to study {header.study_uid}, not {study_uid}")
+                size, sha = temp.size, temp.sha256()
+                key = self.blobs.commit(temp)  # type: ignore[arg-type]
+                pending.append((result, InstanceRecord(header, key, size, sha)))
+            except DicomshareError as exc:
+                self.blobs.discard(temp)  # type: ignore[arg-type]
+                result.error = exc
+        if pending:
+            try:
+                outcomes = self.index.add([rec for _, rec in pending])
+            except Exception as exc:  # the database is down or full: nothing acknowledged
+                log.exception("index commit failed")
+                failure = StorageFailure(f"could not commit to the index: {type(exc).__name__}")
+                for result, _ in pending:
+                    result.error = failure
+                return results
+            for (result, rec), outcome in zip(pending, outcomes, strict=True):
+                result.outcome = outcome
+                if outcome is Outcome.CONFLICT:
+                    self.blobs.delete(rec.blob_key)  # unreferenced: its content is unique
+                    result.error = DuplicateConflict(
+                        f"SOP Instance {rec.header.sop_uid} is already stored with different "
+                        "content (or its series belongs to another study); the stored object "
+                        "was kept. Delete it first to replace it.")
+        return results
+
+    def store_stream(self, stream: BinaryIO, study_uid: str | None = None) -> StoreResult:
+        temp = self.blobs.new_temp()
+        try:
+            while chunk := stream.read(CHUNK):
+                temp.write(chunk)
+        except BaseException:
+            self.blobs.discard(temp)
+            raise
+        return self.store_received([temp], study_uid)[0]
+
+    def store_file(self, path: Path) -> StoreResult:
+        with open(path, "rb") as stream:
+            return self.store_stream(stream)
+
+    # -- find and read ---------------------------------------------------------------------
+    def search(self, query: Query, study_uid: str | None = None,
+               series_uid: str | None = None) -> list[dict[str, Any]]:
+        return self.index.search(query, study_uid, series_uid)
+
+    def locate(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
+               with_metadata: bool = False) -> list[tuple[StoredInstance, str | None]]:
+        """Instances below a resource; NotFound (never an empty list) when there are none."""
+        found = self.index.locate(study_uid, series_uid, sop_uid, with_metadata)
+        if not found:
+            raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
+        return found
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        with self.blobs.open(key) as stream:
+            while chunk := stream.read(CHUNK):
+                yield chunk
+
+    # -- delete and check ------------------------------------------------------------------
+    def delete(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None) -> list[StoredInstance]:
+        """Index rows first, blobs second: a crash in between leaves only orphans."""
+        gone = self.index.remove(study_uid, series_uid, sop_uid)
+        if not gone:
+            raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
+        for inst in gone:
+            self.blobs.delete(inst.blob_key)
+        return gone
+
+    def check(self, repair: bool = False, verify_hashes: bool = True) -> CheckReport:
+        """Every indexed instance has its blob and hash; every blob is indexed."""
+        import hashlib
+
+        report = CheckReport()
+        known: set[str] = set()
+        for inst in self.index.all_instances():
+            report.checked += 1
+            known.add(inst.blob_key)
+            try:
+                if verify_hashes:
+                    digest = hashlib.sha256()
+                    for chunk in self.read_chunks(inst.blob_key):
+                        digest.update(chunk)
+                    if digest.hexdigest() != inst.sha256:
+                        report.corrupt.append(inst)
+                else:
+                    with self.blobs.local_path(inst.blob_key):
+                        pass
+            except NotFound:
+                report.missing.append(inst)
+        report.orphans = sorted(set(self.blobs.keys()) - known)
+        report.leftovers = self.blobs.temp_leftovers()
+        if repair:
+            self._repair(report)
+        return report
+
+    def _repair(self, report: CheckReport) -> None:
+        for key in report.orphans:
+            with self.blobs.local_path(key) as path:
+                temp = self.blobs.new_temp()
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, temp)
+            result = self.store_received([temp])[0]
+            if result.ok:
+                report.repaired.append(f"re-indexed orphan blob {key} ({result.sop_uid})")
+            else:
+                self.blobs.delete(key)
+                report.repaired.append(f"removed unreadable orphan blob {key}: "
+                                       f"{result.error.reason if result.error else ''}")
+        for path in report.leftovers:
+            path.unlink(missing_ok=True)
+            report.repaired.append(f"removed partial upload {path.name}")
+        for inst in report.missing:
+            self.index.remove(inst.study_uid, inst.series_uid, inst.sop_uid)
+            report.repaired.append(f"removed index entry of lost instance {inst.sop_uid}")
+
+
+def _describe(result: StoreResult, header: Header) -> None:
+    result.sop_class_uid = header.sop_class_uid
+    result.sop_uid = header.sop_uid
+    result.study_uid = header.study_uid
+    result.series_uid = header.series_uid
+
+
+def _resource_name(study: str, series: str | None, sop: str | None) -> str:
+    if sop:
+        return f"instance {sop}"
+    if series:
+        return f"series {series}"
+    return f"study {study}"

@@ -1,0 +1,83 @@
+"""One typed settings object, read from ``DICOMSHARE_*`` environment variables and CLI flags.
+
+Precedence: CLI flag > environment variable > default. Every command builds its
+``Settings`` through :func:`load_settings`, so the server, the importer and the
+admin commands always agree on where the data lives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DICOMSHARE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Field names map to ``DICOMSHARE_<NAME>`` variables."""
+
+    data_dir: Path = Path("data")
+    database_url: str = ""  # empty: sqlite:///<data_dir>/index.db
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    dicomweb_root: str = "/dicomweb"
+    # Base URL clients use to reach the server (e.g. behind a reverse proxy); empty: from
+    # each request's Host header.
+    public_url: str = ""
+    cors_origins: tuple[str, ...] = ()
+    # Binary attributes longer than this are served as BulkDataURI in metadata.
+    bulkdata_threshold: int = 1024
+    # fsync blobs and use synchronous=FULL in SQLite: an acknowledged instance survives power loss.
+    fsync: bool = True
+    max_stow_bytes: int = 0  # 0: unlimited (memory is bounded anyway; disk is the limit)
+    workers: int = 1
+    log_level: str = "info"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.db').resolve()}"
+
+
+def _convert(name: str, raw: str) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind == "Path":
+        return Path(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "bool":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from the environment, then apply non-None ``overrides`` (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    names = {f.name for f in fields(Settings)} - {"extra"}
+    for name in names:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            try:
+                values[name] = _convert(name, raw)
+            except ValueError as exc:
+                raise SystemExit(f"invalid {ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from exc
+    settings = Settings(**values)
+    clean = {k: v for k, v in (overrides or {}).items() if v is not None and k in names}
+    if "cors_origins" in clean and isinstance(clean["cors_origins"], str):
+        clean["cors_origins"] = _convert("cors_origins", clean["cors_origins"])
+    return replace(settings, **clean)

@@ -1,0 +1,96 @@
+"""The two storage protocols: an Index of attributes and a BlobStore of received bytes.
+
+Concrete classes are picked by URL in :mod:`dicomshare.storage` only; everything else
+talks to these protocols, and one conformance suite runs against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from dicomshare.dicom.header import Header
+from dicomshare.dicom.matching import Query
+
+
+class Outcome(StrEnum):
+    STORED = "stored"
+    ALREADY_PRESENT = "already-present"  # identical bytes were stored before: a no-op
+    CONFLICT = "conflict"  # same SOP Instance UID, different bytes: first one kept
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What ingest hands the index: a parsed header and where its bytes now live."""
+
+    header: Header
+    blob_key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One indexed instance, as retrieve and check need it."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    sha256: str
+    number_of_frames: int | None = None
+
+
+class Index(Protocol):
+    """Attributes of every stored instance, searchable at every level."""
+
+    def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
+        """Index a batch in one transaction; return one outcome per record, in order."""
+
+    def search(self, query: Query, study_uid: str | None = None,
+               series_uid: str | None = None) -> list[dict[str, Any]]:
+        """Matches as DICOM JSON (without RetrieveURL), ordered, paged by the query."""
+
+    def locate(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None, with_metadata: bool = False
+               ) -> list[tuple[StoredInstance, str | None]]:
+        """Instances below a resource, ordered by series and instance number."""
+
+    def remove(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None) -> list[StoredInstance]:
+        """Delete index rows below a resource (and emptied parents); return what went."""
+
+    def all_instances(self) -> Iterator[StoredInstance]:
+        """Every indexed instance, for `dicomshare check`."""
+
+
+class TempBlob(Protocol):
+    """Bytes being received. Written in chunks; hashed on the way; invisible until committed."""
+
+    path: Path
+    size: int
+
+    def write(self, data: bytes) -> None: ...
+    def sha256(self) -> str: ...
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Received bytes, stored unchanged under a content-derived key."""
+
+    def new_temp(self) -> TempBlob: ...
+    def commit(self, temp: TempBlob) -> str:
+        """Make the bytes durable under their key (fsync + rename); return the key."""
+    def discard(self, temp: TempBlob) -> None: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def local_path(self, key: str) -> AbstractContextManager[Path]:
+        """A filesystem path holding the blob, for readers that want one (pydicom)."""
+    def delete(self, key: str) -> None: ...
+    def keys(self) -> Iterator[str]: ...

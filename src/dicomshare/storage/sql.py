@@ -1,0 +1,442 @@
+"""The Index on SQLAlchemy Core: one implementation for SQLite and PostgreSQL.
+
+Only two things differ between the engines and live in their small subclasses: how an
+"insert unless present" is spelled, and how concurrent writers are serialised. The
+matching rules themselves are in :mod:`dicomshare.dicom.matching`; this module turns
+conditions on indexed columns into SQL and hands the rest to ``matches_json``.
+
+Computed attributes (ModalitiesInStudy, NumberOf*Related*) are derived at query time
+from the rows, never kept as counters, so concurrent ingest cannot make them wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql import Insert
+
+from dicomshare.dicom.attributes import DEFAULT_RETURN, Level, parse_tag, tag_hex, vr_of
+from dicomshare.dicom.matching import Condition, Kind, Query, matches_json
+from dicomshare.errors import InvalidQuery
+from dicomshare.storage import schema as s
+from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance
+
+# keyword -> (level, column)
+COLUMNS = {
+    "StudyInstanceUID": (Level.STUDY, s.study.c.study_instance_uid),
+    "PatientName": (Level.STUDY, s.study.c.patient_name),
+    "PatientID": (Level.STUDY, s.study.c.patient_id),
+    "IssuerOfPatientID": (Level.STUDY, s.study.c.issuer_of_patient_id),
+    "PatientBirthDate": (Level.STUDY, s.study.c.patient_birth_date),
+    "PatientSex": (Level.STUDY, s.study.c.patient_sex),
+    "StudyDate": (Level.STUDY, s.study.c.study_date),
+    "StudyTime": (Level.STUDY, s.study.c.study_time),
+    "AccessionNumber": (Level.STUDY, s.study.c.accession_number),
+    "ReferringPhysicianName": (Level.STUDY, s.study.c.referring_physician_name),
+    "StudyDescription": (Level.STUDY, s.study.c.study_description),
+    "StudyID": (Level.STUDY, s.study.c.study_id),
+    "SeriesInstanceUID": (Level.SERIES, s.series.c.series_instance_uid),
+    "Modality": (Level.SERIES, s.series.c.modality),
+    "ModalitiesInStudy": (Level.SERIES, s.series.c.modality),
+    "SeriesNumber": (Level.SERIES, s.series.c.series_number),
+    "SeriesDescription": (Level.SERIES, s.series.c.series_description),
+    "BodyPartExamined": (Level.SERIES, s.series.c.body_part_examined),
+    "PerformedProcedureStepStartDate": (
+        Level.SERIES, s.series.c.performed_procedure_step_start_date),
+    "PerformedProcedureStepStartTime": (
+        Level.SERIES, s.series.c.performed_procedure_step_start_time),
+    "SOPInstanceUID": (Level.IMAGE, s.instance.c.sop_instance_uid),
+    "SOPClassUID": (Level.IMAGE, s.instance.c.sop_class_uid),
+    "SOPClassesInStudy": (Level.IMAGE, s.instance.c.sop_class_uid),
+    "InstanceNumber": (Level.IMAGE, s.instance.c.instance_number),
+    "Rows": (Level.IMAGE, s.instance.c.rows),
+    "Columns": (Level.IMAGE, s.instance.c.columns),
+    "BitsAllocated": (Level.IMAGE, s.instance.c.bits_allocated),
+    "NumberOfFrames": (Level.IMAGE, s.instance.c.number_of_frames),
+}
+_DEPTH = {Level.STUDY: 0, Level.SERIES: 1, Level.IMAGE: 2}
+_COUNTS = {"NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+           "NumberOfSeriesRelatedInstances", "NumberOfPatientRelatedStudies",
+           "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"}
+_STUDY_VALUES = ("StudyInstanceUID", "PatientName", "PatientID", "IssuerOfPatientID",
+                 "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+                 "ReferringPhysicianName", "StudyDescription", "StudyID")
+_SERIES_VALUES = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
+                  "BodyPartExamined", "PerformedProcedureStepStartDate",
+                  "PerformedProcedureStepStartTime")
+_INSTANCE_VALUES = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns",
+                    "BitsAllocated", "NumberOfFrames")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlIndex:
+    """Index over SQLAlchemy; subclasses fill in dialect specifics."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- dialect hooks -------------------------------------------------------------------
+    def _insert_ignore(self, table: Any, values: dict[str, Any], key: str) -> Insert:
+        raise NotImplementedError
+
+    def _write_lock(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    # -- ingest ----------------------------------------------------------------------------
+    def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
+        now = _now()
+        with self._write_lock(), self.engine.begin() as conn:
+            return [self._add_one(conn, rec, now) for rec in records]
+
+    def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime) -> Outcome:
+        h = rec.header
+        existing = conn.execute(
+            select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
+        ).scalar_one_or_none()
+        if existing is not None:
+            return Outcome.ALREADY_PRESENT if existing == rec.sha256 else Outcome.CONFLICT
+        v = h.values
+        study_row = {_col(k): v.get(k) for k in _STUDY_VALUES}
+        study_row.update(study_instance_uid=h.study_uid, created_at=now, updated_at=now,
+                         attributes=_dumps(h.study_json))
+        conn.execute(self._insert_ignore(s.study, study_row, "study_instance_uid"))
+        study_pk = conn.execute(
+            select(s.study.c.pk).where(s.study.c.study_instance_uid == h.study_uid)
+        ).scalar_one()
+        series_row = {_col(k): v.get(k) for k in _SERIES_VALUES}
+        series_row.update(series_instance_uid=h.series_uid, study_pk=study_pk, created_at=now,
+                          attributes=_dumps(h.series_json))
+        conn.execute(self._insert_ignore(s.series, series_row, "series_instance_uid"))
+        series_pk, owner = conn.execute(
+            select(s.series.c.pk, s.series.c.study_pk)
+            .where(s.series.c.series_instance_uid == h.series_uid)
+        ).one()
+        if owner != study_pk:
+            return Outcome.CONFLICT  # the series already belongs to another study
+        inst_row = {_col(k): v.get(k) for k in _INSTANCE_VALUES}
+        inst_row.update(sop_instance_uid=h.sop_uid, series_pk=series_pk,
+                        sop_class_uid=h.sop_class_uid, transfer_syntax_uid=h.transfer_syntax_uid,
+                        blob_key=rec.blob_key, size=rec.size, sha256=rec.sha256,
+                        metadata=h.metadata_text(), created_at=now)
+        result = conn.execute(self._insert_ignore(s.instance, inst_row, "sop_instance_uid"))
+        if result.rowcount == 0:  # a concurrent writer stored this UID first
+            other = conn.execute(
+                select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
+            ).scalar_one()
+            return Outcome.ALREADY_PRESENT if other == rec.sha256 else Outcome.CONFLICT
+        conn.execute(update(s.study).where(s.study.c.pk == study_pk).values(updated_at=now))
+        return Outcome.STORED
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, query: Query, study_uid: str | None = None,
+               series_uid: str | None = None) -> list[dict[str, Any]]:
+        if query.level not in _DEPTH:
+            raise InvalidQuery(f"searching at the {query.level.value} level is not supported")
+        stmt, residual = self._select(query, study_uid, series_uid)
+        with self.engine.connect() as conn:
+            if residual:
+                rows = []
+                skip = query.offset
+                for row in conn.execute(stmt).mappings():
+                    attrs = _row_json(query.level, row)
+                    if all(matches_json(c, attrs, query.fuzzy) for c in residual):
+                        if skip:
+                            skip -= 1
+                            continue
+                        rows.append(row)
+                        if query.limit is not None and len(rows) >= query.limit:
+                            break
+            else:
+                if query.offset:
+                    stmt = stmt.offset(query.offset)
+                if query.limit is not None:
+                    stmt = stmt.limit(query.limit)
+                rows = list(conn.execute(stmt).mappings())
+            return self._results(conn, query, rows, study_uid, series_uid)
+
+    def _select(self, query: Query, study_uid: str | None,
+                series_uid: str | None) -> tuple[Select[Any], list[Condition]]:
+        level = query.level
+        cols: list[Any] = [s.study.c.pk.label("study_pk"), s.study.c.attributes.label("study_json"),
+                           s.study.c.study_instance_uid]
+        stmt: Select[Any]
+        if level is Level.STUDY:
+            stmt = select(*cols).select_from(s.study)
+            order: list[Any] = [s.study.c.study_date.desc(), s.study.c.study_time.desc(),
+                                s.study.c.pk.desc()]
+        else:
+            cols += [s.series.c.pk.label("series_pk"), s.series.c.attributes.label("series_json"),
+                     s.series.c.series_instance_uid]
+            joined = s.series.join(s.study, s.series.c.study_pk == s.study.c.pk)
+            order = [s.series.c.series_number, s.series.c.pk]
+            if level is Level.IMAGE:
+                cols += [s.instance.c.pk.label("instance_pk"),
+                         s.instance.c.metadata.label("instance_json")]
+                joined = s.instance.join(joined, s.instance.c.series_pk == s.series.c.pk)
+                order += [s.instance.c.instance_number, s.instance.c.pk]
+            stmt = select(*cols).select_from(joined)
+        if study_uid:
+            stmt = stmt.where(s.study.c.study_instance_uid == study_uid)
+        if series_uid:
+            stmt = stmt.where(s.series.c.series_instance_uid == series_uid)
+        residual: list[Condition] = []
+        for cond in query.conditions:
+            if cond.kind is Kind.UNIVERSAL:
+                continue
+            name = cond.keyword
+            if name in _COUNTS:
+                raise InvalidQuery(f"{name} can be returned but not matched")
+            mapped = COLUMNS.get(name) if not cond.is_nested else None
+            if mapped is None:
+                residual.append(cond)
+                continue
+            col_level, column = mapped
+            clause = _clause(cond, column, query.fuzzy)
+            if _DEPTH[col_level] <= _DEPTH[level]:
+                stmt = stmt.where(clause)
+            else:
+                stmt = stmt.where(_exists_below(level, col_level, clause))
+        return stmt.order_by(*order), residual
+
+    def _results(self, conn: Connection, query: Query, rows: list[Any],
+                 study_uid: str | None, series_uid: str | None) -> list[dict[str, Any]]:
+        level = query.level
+        wanted = _wanted_tags(query)
+        out = []
+        if level is Level.STUDY:
+            stats = self._study_stats(conn, [r["study_pk"] for r in rows])
+            for r in rows:
+                ds = json.loads(r["study_json"])
+                ds.update(stats.get(r["study_pk"], _empty_study_stats()))
+                out.append(_shape(ds, wanted, query.include_all, level))
+        else:
+            counts: dict[int, int] = {}
+            if level is Level.SERIES:
+                counts = self._series_counts(conn, [r["series_pk"] for r in rows])
+            for r in rows:
+                ds = json.loads(r["study_json"]) if not study_uid else {}
+                ds["0020000D"] = _uid(r["study_instance_uid"])
+                if level is Level.SERIES or not series_uid:
+                    ds.update(json.loads(r["series_json"]))
+                ds["0020000E"] = _uid(r["series_instance_uid"])
+                if level is Level.SERIES:
+                    ds["00201209"] = {"vr": "IS", "Value": [counts.get(r["series_pk"], 0)]}
+                else:
+                    inst = json.loads(r["instance_json"])
+                    ds.update({k: v for k, v in inst.items() if "BulkDataURI" not in v})
+                out.append(_shape(ds, wanted, query.include_all, level))
+        return out
+
+    def _study_stats(self, conn: Connection, pks: list[int]) -> dict[int, dict[str, Any]]:
+        if not pks:
+            return {}
+        stats: dict[int, dict[str, Any]] = defaultdict(_empty_study_stats)
+        counted = conn.execute(
+            select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
+                   func.count(s.instance.c.pk))
+            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
+            .where(s.series.c.study_pk.in_(pks)).group_by(s.series.c.study_pk)
+        )
+        for pk, n_series, n_inst in counted:
+            stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
+            stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
+        kinds = conn.execute(
+            select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
+            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
+            .where(s.series.c.study_pk.in_(pks)).distinct()
+        )
+        modalities: dict[int, set[str]] = defaultdict(set)
+        classes: dict[int, set[str]] = defaultdict(set)
+        for pk, modality, sop_class in kinds:
+            if modality:
+                modalities[pk].add(modality)
+            classes[pk].add(sop_class)
+        for pk in pks:
+            if modalities[pk]:
+                stats[pk]["00080061"] = {"vr": "CS", "Value": sorted(modalities[pk])}
+            if classes[pk]:
+                stats[pk]["00080062"] = {"vr": "UI", "Value": sorted(classes[pk])}
+        return stats
+
+    def _series_counts(self, conn: Connection, pks: list[int]) -> dict[int, int]:
+        if not pks:
+            return {}
+        rows = conn.execute(
+            select(s.instance.c.series_pk, func.count())
+            .where(s.instance.c.series_pk.in_(pks)).group_by(s.instance.c.series_pk)
+        )
+        return {pk: n for pk, n in rows}
+
+    # -- retrieve, delete, check -----------------------------------------------------------
+    def _located(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
+                 extra: Sequence[Any] = ()) -> Select[Any]:
+        stmt = (
+            select(s.study.c.study_instance_uid, s.series.c.series_instance_uid,
+                   s.instance.c.sop_instance_uid, s.instance.c.sop_class_uid,
+                   s.instance.c.transfer_syntax_uid, s.instance.c.blob_key, s.instance.c.size,
+                   s.instance.c.sha256, s.instance.c.number_of_frames, *extra)
+            .select_from(s.instance.join(s.series, s.instance.c.series_pk == s.series.c.pk)
+                         .join(s.study, s.series.c.study_pk == s.study.c.pk))
+            .where(s.study.c.study_instance_uid == study_uid)
+            .order_by(s.series.c.series_number, s.series.c.pk, s.instance.c.instance_number,
+                      s.instance.c.pk)
+        )
+        if series_uid:
+            stmt = stmt.where(s.series.c.series_instance_uid == series_uid)
+        if sop_uid:
+            stmt = stmt.where(s.instance.c.sop_instance_uid == sop_uid)
+        return stmt
+
+    def locate(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
+               with_metadata: bool = False) -> list[tuple[StoredInstance, str | None]]:
+        extra = [s.instance.c.metadata] if with_metadata else []
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._located(study_uid, series_uid, sop_uid, extra)).all()
+        return [(StoredInstance(*row[:9]), row[9] if with_metadata else None) for row in rows]
+
+    def remove(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None) -> list[StoredInstance]:
+        with self._write_lock(), self.engine.begin() as conn:
+            rows = conn.execute(self._located(study_uid, series_uid, sop_uid)).all()
+            gone = [StoredInstance(*row[:9]) for row in rows]
+            uids = [g.sop_uid for g in gone]
+            for start in range(0, len(uids), 500):
+                conn.execute(delete(s.instance)
+                             .where(s.instance.c.sop_instance_uid.in_(uids[start:start + 500])))
+            conn.execute(delete(s.series).where(
+                ~exists().where(s.instance.c.series_pk == s.series.c.pk),
+                s.series.c.study_pk.in_(select(s.study.c.pk)
+                                        .where(s.study.c.study_instance_uid == study_uid))))
+            conn.execute(delete(s.study).where(
+                s.study.c.study_instance_uid == study_uid,
+                ~exists().where(s.series.c.study_pk == s.study.c.pk)))
+        return gone
+
+    def all_instances(self) -> Iterator[StoredInstance]:
+        stmt = (
+            select(s.study.c.study_instance_uid, s.series.c.series_instance_uid,
+                   s.instance.c.sop_instance_uid, s.instance.c.sop_class_uid,
+                   s.instance.c.transfer_syntax_uid, s.instance.c.blob_key, s.instance.c.size,
+                   s.instance.c.sha256, s.instance.c.number_of_frames)
+            .select_from(s.instance.join(s.series, s.instance.c.series_pk == s.series.c.pk)
+                         .join(s.study, s.series.c.study_pk == s.study.c.pk))
+            .order_by(s.instance.c.pk)
+        )
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=1000).execute(stmt):
+                yield StoredInstance(*row)
+
+    def counts(self) -> dict[str, int]:
+        """Totals for the status page and tests."""
+        with self.engine.connect() as conn:
+            return {
+                name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+                for name, table in (("studies", s.study), ("series", s.series),
+                                    ("instances", s.instance))
+            }
+
+
+def _col(keyword: str) -> str:
+    return COLUMNS[keyword][1].name
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _uid(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]}
+
+
+def _empty_study_stats() -> dict[str, Any]:
+    return {"00201206": {"vr": "IS", "Value": [0]}, "00201208": {"vr": "IS", "Value": [0]}}
+
+
+def _row_json(level: Level, row: Any) -> dict[str, Any]:
+    ds: dict[str, Any] = json.loads(row["study_json"])
+    if level is not Level.STUDY:
+        ds.update(json.loads(row["series_json"]))
+    if level is Level.IMAGE:
+        ds.update(json.loads(row["instance_json"]))
+    return ds
+
+
+def _wanted_tags(query: Query) -> set[str]:
+    tags = {tag_hex(parse_tag(k)) for k in DEFAULT_RETURN[query.level]}
+    tags |= {tag_hex(t) for t in query.include}
+    tags |= {tag_hex(c.path[0]) for c in query.conditions}
+    return tags
+
+
+def _shape(ds: dict[str, Any], wanted: set[str], include_all: bool,
+           level: Level) -> dict[str, Any]:
+    """Keep what the client asked for; required attributes appear even when empty."""
+    ds["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+    if include_all:
+        return dict(sorted(ds.items()))
+    out = {k: v for k, v in ds.items() if k in wanted}
+    for key in DEFAULT_RETURN[level]:
+        tag = tag_hex(parse_tag(key))
+        if tag not in out and key not in ("RetrieveURL", "RequestAttributesSequence",
+                                          "TimezoneOffsetFromUTC", "SpecificCharacterSet",
+                                          "NumberOfFrames"):
+            out[tag] = {"vr": vr_of(parse_tag(key))}
+    return dict(sorted(out.items()))
+
+
+def _clause(cond: Condition, column: Any, fuzzy: bool) -> ColumnElement[bool]:
+    """One condition on one column, following matching.matches_value exactly."""
+    numeric = column.type.python_type is int
+    if cond.kind is Kind.LIST:
+        return column.in_([_typed(v, numeric) for v in cond.value])
+    if cond.kind is Kind.RANGE:
+        low, high = cond.value
+        parts = []
+        if low:
+            parts.append(column >= low)
+        if high:
+            parts.append(func.substr(column, 1, len(high)) <= high)
+        return and_(*parts)
+    ci = cond.vr == "PN"
+    target = func.lower(column) if ci else column
+    if cond.kind is Kind.WILDCARD:
+        pattern = (cond.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                   .replace("*", "%").replace("?", "_"))
+        clause = target.like(pattern.lower() if ci else pattern, escape="\\")
+        if set(cond.value) == {"*"}:
+            return or_(clause, column.is_(None))
+        return clause
+    if ci and fuzzy:
+        value = cond.value.lower().replace("%", "\\%").replace("_", "\\_")
+        return or_(target.like(f"{value}%", escape="\\"), target.like(f"%^{value}%", escape="\\"),
+                   target.like(f"% {value}%", escape="\\"))
+    return target == (cond.value.lower() if ci else _typed(cond.value, numeric))
+
+
+def _typed(value: str, numeric: bool) -> Any:
+    if not numeric:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidQuery(f"{value!r} is not a number") from None
+
+
+def _exists_below(level: Level, col_level: Level, clause: ColumnElement[bool]) -> Any:
+    """A condition on a lower level: "has at least one series/instance that matches"."""
+    if col_level is Level.SERIES:
+        return exists().where(s.series.c.study_pk == s.study.c.pk, clause)
+    if level is Level.STUDY:
+        return exists().where(s.series.c.study_pk == s.study.c.pk,
+                              s.instance.c.series_pk == s.series.c.pk, clause)
+    return exists().where(s.instance.c.series_pk == s.series.c.pk, clause)

@@ -1,0 +1,108 @@
+"""The HTTP application: authentication, CORS, error mapping, and the DICOMweb routes.
+
+Every request under the DICOMweb root needs ``Authorization: Bearer <token>``; the
+only open routes are ``/healthz`` (for load balancers and the test harness) and the
+OpenAPI pages. Errors from the project's tree become a status, a JSON body with the
+reason, and a ``Warning`` header (PS3.18 8.6.3), never a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from dicomshare import __version__
+from dicomshare.access.identity import Identities, Principal
+from dicomshare.archive import Archive
+from dicomshare.config import Settings
+from dicomshare.errors import DicomshareError, Forbidden, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    safe = reason.replace("\r", " ").replace("\n", " ")[:500]
+    all_headers = {"Warning": f'299 dicomshare "{safe}"', **(headers or {})}
+    return JSONResponse({"error": reason, "status": status}, status_code=status,
+                        headers=all_headers)
+
+
+def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
+    archive = archive or Archive.open(settings)
+    identities = Identities(archive.index.engine)
+    app = FastAPI(title="dicomshare", version=__version__,
+                  description="Medical-imaging sharing server: DICOMweb (PS3.18) and more.")
+    app.state.settings = settings
+    app.state.archive = archive
+    app.state.identities = identities
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Content-Location", "Warning", "Content-Type"],
+            allow_credentials=False,
+            max_age=3600,
+        )
+
+    @app.exception_handler(DicomshareError)
+    async def _project_error(_request: Request, exc: DicomshareError) -> Response:
+        headers = {"WWW-Authenticate": 'Bearer realm="dicomshare"'} \
+            if isinstance(exc, Unauthenticated) else None
+        return error_response(exc.http_status, exc.reason, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    from dicomshare.web import dicomweb
+
+    app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
+    return app
+
+
+def principal(request: Request) -> Principal:
+    """The authenticated caller; raises Unauthenticated (401) otherwise."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthenticated("a bearer token is required (Authorization: Bearer <token>)")
+    identities: Identities = request.app.state.identities
+    found = identities.authenticate(secret.strip())
+    if found is None:
+        raise Unauthenticated("the bearer token is unknown, revoked or expired")
+    request.state.principal = found
+    return found
+
+
+def admin(request: Request) -> Principal:
+    who = principal(request)
+    if not who.is_admin:
+        raise Forbidden("only administrators may do this")
+    return who
