@@ -16,15 +16,16 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 GEN_VERSION = 1  # bump when the content changes, to invalidate caches
 CACHE_SLOT = "1000"
@@ -48,14 +49,65 @@ SOP_CLASSES = {
 }
 MODALITY_WEIGHTS = {"CT": 30, "MR": 20, "CR": 15, "DX": 12, "US": 10, "MG": 6, "PT": 4, "NM": 3}
 SURNAMES = [
-    "ADAMS", "BAKER", "BROWN", "CARTER", "CLARK", "DAVIS", "EVANS", "FISCHER", "GARCIA",
-    "HARRIS", "HUGHES", "JACKSON", "JOHNSON", "KING", "LEWIS", "LOPEZ", "MARTIN", "MILLER",
-    "MOORE", "MUELLER", "NGUYEN", "OLSEN", "PARKER", "PEREZ", "QUINN", "ROBERTS", "ROSSI",
-    "SCHMIDT", "SMITH", "TAYLOR", "THOMAS", "TURNER", "VOGEL", "WALKER", "WHITE", "WILSON",
-    "WRIGHT", "YOUNG", "ZHANG", "DUPONT",
+    "ADAMS",
+    "BAKER",
+    "BROWN",
+    "CARTER",
+    "CLARK",
+    "DAVIS",
+    "EVANS",
+    "FISCHER",
+    "GARCIA",
+    "HARRIS",
+    "HUGHES",
+    "JACKSON",
+    "JOHNSON",
+    "KING",
+    "LEWIS",
+    "LOPEZ",
+    "MARTIN",
+    "MILLER",
+    "MOORE",
+    "MUELLER",
+    "NGUYEN",
+    "OLSEN",
+    "PARKER",
+    "PEREZ",
+    "QUINN",
+    "ROBERTS",
+    "ROSSI",
+    "SCHMIDT",
+    "SMITH",
+    "TAYLOR",
+    "THOMAS",
+    "TURNER",
+    "VOGEL",
+    "WALKER",
+    "WHITE",
+    "WILSON",
+    "WRIGHT",
+    "YOUNG",
+    "ZHANG",
+    "DUPONT",
 ]
-GIVEN = ["ANNA", "BEN", "CLARA", "DAVID", "EMMA", "FELIX", "GRACE", "HUGO", "IDA", "JONAS",
-         "LEA", "MARC", "NORA", "OSCAR", "PAULA", "SAM"]
+GIVEN = [
+    "ANNA",
+    "BEN",
+    "CLARA",
+    "DAVID",
+    "EMMA",
+    "FELIX",
+    "GRACE",
+    "HUGO",
+    "IDA",
+    "JONAS",
+    "LEA",
+    "MARC",
+    "NORA",
+    "OSCAR",
+    "PAULA",
+    "SAM",
+]
 
 
 def _prefix(slot: str) -> str:
@@ -128,8 +180,8 @@ def _encode(ds: Dataset) -> bytes:
 
 def _base(sop_class: str, sop_uid: str) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -150,7 +202,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int) -> None:
     ds.PixelData = pixels.astype("<u2").tobytes()
 
 
-_GRID: tuple[np.ndarray, np.ndarray] | None = None
+_GRID: np.ndarray | None = None  # (y, x) coordinate planes in [-1, 1]
 
 
 def phantom(z: float, rng: np.random.Generator) -> np.ndarray:
@@ -162,8 +214,8 @@ def phantom(z: float, rng: np.random.Generator) -> np.ndarray:
     """
     global _GRID
     if _GRID is None:
-        _GRID = tuple(np.mgrid[-1:1:512j, -1:1:512j].astype(np.float32))  # type: ignore[assignment]
-    y, x = _GRID  # type: ignore[misc]
+        _GRID = np.mgrid[-1:1:512j, -1:1:512j].astype(np.float32)
+    y, x = _GRID[0], _GRID[1]
     taper = 1.0 - 0.25 * z * z
     hu = np.full((512, 512), -1000.0, dtype=np.float32)
     body = (x / (0.85 * taper)) ** 2 + (y / (0.62 * taper)) ** 2 <= 1.0
@@ -173,22 +225,37 @@ def phantom(z: float, rng: np.random.Generator) -> np.ndarray:
         hu[lung] = -850.0 + 60.0 * y[lung]
     heart = ((x - 0.08 - 0.05 * math.sin(3 * z)) / 0.17) ** 2 + ((y + 0.02) / 0.15) ** 2 <= taper
     hu[heart] = 55.0
-    r2 = x ** 2 + (y - 0.42) ** 2
-    hu[r2 <= 0.09 ** 2] = 700.0
-    hu[r2 <= 0.05 ** 2] = 280.0
+    r2 = x**2 + (y - 0.42) ** 2
+    hu[r2 <= 0.09**2] = 700.0
+    hu[r2 <= 0.05**2] = 280.0
     hu += rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
-    return np.clip(hu + 1024.0, 0, 4095).astype(np.uint16)
+    stored: np.ndarray = np.clip(hu + 1024.0, 0, 4095).astype(np.uint16)
+    return stored
 
 
-def ct_instance(pixels: np.ndarray, *, study_uid: str, series_uid: str, frame_uid: str,
-                series_number: int, instance_number: int, z_mm: float, slot: str = CACHE_SLOT,
-                patient_id: str = "BENCHCT001", patient_name: str = "BENCH^CT") -> bytes:
+def ct_instance(
+    pixels: np.ndarray,
+    *,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+    series_number: int,
+    instance_number: int,
+    z_mm: float,
+    slot: str = CACHE_SLOT,
+    patient_id: str = "BENCHCT001",
+    patient_name: str = "BENCH^CT",
+) -> bytes:
     sop_uid = new_uid(slot)
     ds = _base(SOP_CLASSES["CT"], sop_uid)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.PatientName, ds.PatientID = patient_name, patient_id
     ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+        study_uid,
+        series_uid,
+        frame_uid,
+    )
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240115"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
     ds.StudyID, ds.AccessionNumber = "1", "BENCHCT001"
@@ -219,7 +286,7 @@ def _load_meta(folder: Path, expect: dict[str, object]) -> dict[str, object] | N
     """Return cached metadata if compatible, else wipe the folder."""
     meta_path = folder / "meta.json"
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta: dict[str, object] = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in expect.items()):
             return meta
         shutil.rmtree(folder)
@@ -235,15 +302,20 @@ class CtData:
     series_size: int
 
     def series_files(self, index: int) -> list[Path]:
-        return self.files[index * self.series_size:(index + 1) * self.series_size]
+        return self.files[index * self.series_size : (index + 1) * self.series_size]
 
 
 def ensure_ct(data_dir: Path, slices: int, series_size: int, log: Log) -> CtData:
     """One CT study of `slices` 512x512 images split into series of `series_size`."""
     folder = data_dir / "ct"
     expect: dict[str, object] = {"version": GEN_VERSION, "series_size": series_size}
-    meta = _load_meta(folder, expect) or {**expect, "study_uid": new_uid(),
-                                         "frame_uid": new_uid(), "series_uids": [], "count": 0}
+    meta = _load_meta(folder, expect) or {
+        **expect,
+        "study_uid": new_uid(),
+        "frame_uid": new_uid(),
+        "series_uids": [],
+        "count": 0,
+    }
     count = int(meta["count"])  # type: ignore[call-overload]
     series_uids: list[str] = list(meta["series_uids"])  # type: ignore[call-overload]
     if count < slices:
@@ -254,9 +326,15 @@ def ensure_ct(data_dir: Path, slices: int, series_size: int, log: Log) -> CtData
             while len(series_uids) <= s:
                 series_uids.append(new_uid())
             z = -1.0 + 2.0 * k / max(series_size - 1, 1)
-            data = ct_instance(phantom(z, rng), study_uid=str(meta["study_uid"]),
-                               series_uid=series_uids[s], frame_uid=str(meta["frame_uid"]),
-                               series_number=s + 1, instance_number=k + 1, z_mm=k * 1.0)
+            data = ct_instance(
+                phantom(z, rng),
+                study_uid=str(meta["study_uid"]),
+                series_uid=series_uids[s],
+                frame_uid=str(meta["frame_uid"]),
+                series_number=s + 1,
+                instance_number=k + 1,
+                z_mm=k * 1.0,
+            )
             _write_atomic(folder / f"ct-{i:06d}.dcm", data)
             if (i + 1) % 250 == 0:
                 log(f"  {i + 1}/{slices}")
@@ -333,7 +411,11 @@ def ensure_big_body(data_dir: Path, mib: int, log: Log) -> BigBody:
     path, meta_path = folder / f"stow-{mib}MiB.multipart", folder / f"stow-{mib}MiB.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("version") == GEN_VERSION and path.exists() and path.stat().st_size == meta["size"]:
+        if (
+            meta.get("version") == GEN_VERSION
+            and path.exists()
+            and path.stat().st_size == meta["size"]
+        ):
             return BigBody(path, int(meta["instances"]), int(meta["size"]))
     log(f"generating {mib} MiB STOW body {path}")
     rng = np.random.default_rng(mib)
@@ -343,10 +425,19 @@ def ensure_big_body(data_dir: Path, mib: int, log: Log) -> BigBody:
     with tmp.open("wb") as f:
         for k in range(n):
             f.write(_PART_HEAD)
-            f.write(ct_instance(phantom(-1.0 + 2.0 * k / max(n - 1, 1), rng), study_uid=study,
-                                series_uid=series, frame_uid=frame, series_number=1,
-                                instance_number=k + 1, z_mm=float(k), patient_id="BENCHBIG",
-                                patient_name="BENCH^BIG"))
+            f.write(
+                ct_instance(
+                    phantom(-1.0 + 2.0 * k / max(n - 1, 1), rng),
+                    study_uid=study,
+                    series_uid=series,
+                    frame_uid=frame,
+                    series_number=1,
+                    instance_number=k + 1,
+                    z_mm=float(k),
+                    patient_id="BENCHBIG",
+                    patient_name="BENCH^BIG",
+                )
+            )
             f.write(b"\r\n")
         f.write(_CLOSE)
     os.replace(tmp, path)

@@ -50,8 +50,16 @@ class Report:
         self.notes: list[str] = []
         self.errors: list[str] = []
 
-    def add(self, section: str, metric: str, unit: str, better: str, server: str,
-            value: float | None, note: str = "") -> None:
+    def add(
+        self,
+        section: str,
+        metric: str,
+        unit: str,
+        better: str,
+        server: str,
+        value: float | None,
+        note: str = "",
+    ) -> None:
         for f in self.figures:
             if f.section == section and f.metric == metric:
                 f.values[server] = value
@@ -64,8 +72,14 @@ class Report:
         self.errors.append(f"{section} / {LABELS.get(server, server)}: {message}")
 
     def to_json(self) -> str:
-        return json.dumps({"figures": [asdict(f) for f in self.figures], "notes": self.notes,
-                           "errors": self.errors}, indent=2)
+        return json.dumps(
+            {
+                "figures": [asdict(f) for f in self.figures],
+                "notes": self.notes,
+                "errors": self.errors,
+            },
+            indent=2,
+        )
 
     def markdown(self, header: list[str]) -> str:
         lines = list(header)
@@ -79,7 +93,9 @@ class Report:
             lines += ["", f"### {sec}", ""]
             head = ["Metric", *cols] + (["dicomshare/Orthanc"] if both else []) + ["Better", "Note"]
             lines.append("| " + " | ".join(head) + " |")
-            lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 3) + [":---:", "---"]) + "|")
+            lines.append(
+                "|" + "|".join(["---"] + ["---:"] * (len(head) - 3) + [":---:", "---"]) + "|"
+            )
             for f in (x for x in self.figures if x.section == sec):
                 row = [f"{f.metric} ({f.unit})" if f.unit else f.metric]
                 row += [_fmt(f.values.get(s)) for s in (DICOMSHARE, ORTHANC) if s in self.servers]
@@ -89,9 +105,12 @@ class Report:
                 row += [f.better or "-", f.note]
                 lines.append("| " + " | ".join(row) + " |")
         if both:
-            lines += ["", "Ratios are dicomshare divided by Orthanc: above 1 is better for "
-                          "'higher' rows (throughput), below 1 is better for 'lower' rows "
-                          "(latency, memory)."]
+            lines += [
+                "",
+                "Ratios are dicomshare divided by Orthanc: above 1 is better for "
+                "'higher' rows (throughput), below 1 is better for 'lower' rows "
+                "(latency, memory).",
+            ]
         if self.notes:
             lines += ["", "Notes:", *[f"- {n}" for n in self.notes]]
         if self.errors:

@@ -19,8 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as `python bench/run.py`: import as the `bench` package
@@ -32,8 +32,14 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: import as the `be
 from bench import datagen, workloads  # noqa: E402
 from bench.procmem import rss_kib, tree  # noqa: E402
 from bench.report import LABELS, Report, median, percentile  # noqa: E402
-from bench.servers import (DICOMSHARE, ORTHANC, Server, ServerSpec,  # noqa: E402
-                           find_dicomweb_plugin, resolve_dicomshare)
+from bench.servers import (  # noqa: E402
+    DICOMSHARE,
+    ORTHANC,
+    Server,
+    ServerSpec,
+    find_dicomweb_plugin,
+    resolve_dicomshare,
+)
 
 PHASES = ("stow", "qido", "wado", "memory")
 KIB_PER_MIB = 1024.0
@@ -55,27 +61,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slices", type=int, default=2000, help="CT slices for STOW (512x512x16 bit)")
     p.add_argument("--series-size", type=int, default=500, help="slices per CT series (WADO size)")
     p.add_argument("--clients", default="1,4", help="comma list of concurrent STOW clients")
-    p.add_argument("--batch", type=int, default=0,
-                   help="also run STOW with K instances per request (0: only 1 per request)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also run STOW with K instances per request (0: only 1 per request)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="STOW repetitions (median reported)")
     p.add_argument("--studies", type=int, default=10000, help="one-instance studies for QIDO")
     p.add_argument("--queries", type=int, default=200, help="timed QIDO queries per server")
     p.add_argument("--wado-repeat", type=int, default=3, help="WADO retrievals (median reported)")
-    p.add_argument("--big-mb", default="256,1024",
-                   help="comma list of single-STOW request sizes in MiB for the memory phase")
+    p.add_argument(
+        "--big-mb",
+        default="256,1024",
+        help="comma list of single-STOW request sizes in MiB for the memory phase",
+    )
     p.add_argument("--load-batch", type=int, default=200, help="instances per untimed load request")
-    p.add_argument("--data", type=Path, default=Path("/tmp/dicomshare-bench-data"),
-                   help="cache folder for generated DICOM data")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("/tmp/dicomshare-bench-data"),
+        help="cache folder for generated DICOM data",
+    )
     p.add_argument("--tmp-dir", type=Path, default=None, help="parent of per-server work folders")
     p.add_argument("--keep-tmp", action="store_true", help="keep server work folders and logs")
-    p.add_argument("--dicomshare-cmd", default=".venv/bin/dicomshare",
-                   help="dicomshare executable (relative paths are relative to the repo root)")
-    p.add_argument("--database-url", default=None,
-                   help="DICOMSHARE_DATABASE_URL for dicomshare, e.g. postgresql+psycopg://...")
+    p.add_argument(
+        "--dicomshare-cmd",
+        default=".venv/bin/dicomshare",
+        help="dicomshare executable (relative paths are relative to the repo root)",
+    )
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="DICOMSHARE_DATABASE_URL for dicomshare, e.g. postgresql+psycopg://...",
+    )
     p.add_argument("--orthanc-cmd", default="/usr/sbin/Orthanc")
     p.add_argument("--orthanc-plugin", default=None, help="DICOMweb plugin .so (default: dpkg -L)")
-    p.add_argument("--orthanc-set", action="append", default=[], metavar="KEY=JSON",
-                   help='override an Orthanc setting, e.g. StorageAccessOnFind=\'"Never"\'')
+    p.add_argument(
+        "--orthanc-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override an Orthanc setting, e.g. StorageAccessOnFind='\"Never\"'",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write raw figures to this file")
     args = p.parse_args(argv)
     args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -103,8 +131,13 @@ def _order(names: list[str], k: int) -> list[str]:
     return names if k % 2 == 0 else list(reversed(names))
 
 
-def run_stow(servers: dict[str, Server], ct: datagen.CtData, args: argparse.Namespace,
-             slots: datagen.SlotAllocator, rep: Report) -> None:
+def run_stow(
+    servers: dict[str, Server],
+    ct: datagen.CtData,
+    args: argparse.Namespace,
+    slots: datagen.SlotAllocator,
+    rep: Report,
+) -> None:
     section = f"STOW-RS ingest: {len(ct.files)} CT instances of 512 KiB, fresh UIDs per run"
     configs = [(c, 1) for c in args.client_list]
     if args.batch > 1:
@@ -117,11 +150,14 @@ def run_stow(servers: dict[str, Server], ct: datagen.CtData, args: argparse.Name
             for name in _order(names, ci + r):
                 res = workloads.stow(servers[name], ct.files, clients, batch, slots.take())
                 runs[name].append(res)
-                log(f"STOW {name} clients={clients} batch={batch}: {res.instances} inst in "
+                log(
+                    f"STOW {name} clients={clients} batch={batch}: {res.instances} inst in "
                     f"{res.seconds:.2f}s = {res.instances / res.seconds:.1f} inst/s, "
                     f"{res.payload_bytes / datagen.MIB / res.seconds:.1f} MiB/s, "
-                    f"failed={res.failed} {res.errors[:1]}")
-        label = f"{clients} client{'s' if clients > 1 else ''}, {batch} instance{'s' if batch > 1 else ''}/request"
+                    f"failed={res.failed} {res.errors[:1]}"
+                )
+        plural = "s" if batch > 1 else ""
+        label = f"{clients} client{'s' if clients > 1 else ''}, {batch} instance{plural}/request"
         for name, results in runs.items():
             failed = sum(x.failed for x in results)
             errors = [e for x in results for e in x.errors]
@@ -136,13 +172,20 @@ def run_stow(servers: dict[str, Server], ct: datagen.CtData, args: argparse.Name
             rep.add(section, f"{label}: MiB/s", "", "higher", name, mbs, note)
 
 
-def run_qido(servers: dict[str, Server], small: list[Path], args: argparse.Namespace,
-             slots: datagen.SlotAllocator, rep: Report, extra_studies: int) -> None:
+def run_qido(
+    servers: dict[str, Server],
+    small: list[Path],
+    args: argparse.Namespace,
+    slots: datagen.SlotAllocator,
+    rep: Report,
+    extra_studies: int,
+) -> None:
     section = f"QIDO-RS study search latency: {len(small)} studies indexed, {args.queries} queries"
-    for name, srv in servers.items():
+    for srv in servers.values():
         workloads.upload(srv, small, slots.take(), args.load_batch, 2, log, "small studies")
-    queries = workloads.make_queries(len(small), args.queries)
-    results = workloads.qido(list(servers.values()), queries)
+    warmup = 10
+    queries = workloads.make_queries(len(small), args.queries + warmup)
+    results = workloads.qido(list(servers.values()), queries, warmup)
     for name, res in results.items():
         for e in res.errors[:3]:
             rep.error(section, name, e)
@@ -156,25 +199,43 @@ def run_qido(servers: dict[str, Server], small: list[Path], args: argparse.Names
             rep.add(section, f"{kind}: p95", "ms", "lower", name, percentile(ms, 95))
         log(f"QIDO {name}: p50 {percentile(allq, 50):.1f} ms, p95 {percentile(allq, 95):.1f} ms")
     if len(results) == 2:
-        a, b = (results[n].counts for n in results)
-        diff = sum(1 for x, y in zip(a, b) if x != y)
-        rep.notes.append(f"QIDO result counts differ between servers for {diff} of {len(a)} queries"
-                         + (" (check matching semantics)" if diff else ""))
+        a, b = (results[n].counts for n in (DICOMSHARE, ORTHANC))
+        diff = [
+            f"`{q}`: {x} vs {y}"
+            for (_, q), x, y in zip(queries[warmup:], a, b, strict=False)
+            if x != y
+        ]
+        rep.notes.append(
+            f"QIDO result counts (dicomshare vs Orthanc) differ for {len(diff)} of {len(a)} "
+            "queries" + (", e.g. " + "; ".join(diff[:3]) if diff else "")
+        )
     if extra_studies:
-        rep.notes.append(f"QIDO ran on the STOW servers, which also held {extra_studies} CT studies.")
+        rep.notes.append(
+            f"QIDO ran on the STOW servers, which also held {extra_studies} CT studies."
+        )
 
 
-def run_wado(servers: dict[str, Server], ct: datagen.CtData, args: argparse.Namespace,
-             slots: datagen.SlotAllocator, rep: Report) -> None:
+def run_wado(
+    servers: dict[str, Server],
+    ct: datagen.CtData,
+    args: argparse.Namespace,
+    slots: datagen.SlotAllocator,
+    rep: Report,
+) -> None:
     files = ct.series_files(0)
     payload = sum(p.stat().st_size for p in files)
-    section = (f"WADO-RS retrieve of one {len(files)}-instance series "
-               f"({payload / datagen.MIB:.0f} MiB), median of {args.wado_repeat}")
+    section = (
+        f"WADO-RS retrieve of one {len(files)}-instance series "
+        f"({payload / datagen.MIB:.0f} MiB), median of {args.wado_repeat}"
+    )
     uids: dict[str, tuple[str, str]] = {}
     for name, srv in servers.items():
         slot = slots.take()
         workloads.upload(srv, files, slot, 25, 2, log, "WADO series instances")
-        uids[name] = (datagen.reslot_uid(ct.study_uid, slot), datagen.reslot_uid(ct.series_uids[0], slot))
+        uids[name] = (
+            datagen.reslot_uid(ct.study_uid, slot),
+            datagen.reslot_uid(ct.series_uids[0], slot),
+        )
     runs: dict[str, list[workloads.WadoResult]] = {n: [] for n in servers}
     for r in range(args.wado_repeat):
         for name in _order(list(servers), r):
@@ -184,21 +245,37 @@ def run_wado(servers: dict[str, Server], ct: datagen.CtData, args: argparse.Name
                 rep.error(section, name, str(exc))
                 continue
             runs[name].append(res)
-            log(f"WADO {name}: {res.bytes / datagen.MIB:.1f} MiB in {res.seconds:.2f}s = "
-                f"{res.bytes / datagen.MIB / res.seconds:.1f} MiB/s")
+            log(
+                f"WADO {name}: {res.bytes / datagen.MIB:.1f} MiB in {res.seconds:.2f}s = "
+                f"{res.bytes / datagen.MIB / res.seconds:.1f} MiB/s"
+            )
     for name, results in runs.items():
         if not results:
             continue
         short = [x for x in results if x.bytes < payload]
         note = f"only {short[0].bytes} of {payload} payload bytes received" if short else ""
-        rep.add(section, "throughput", "MiB/s", "higher", name,
-                median([x.bytes / datagen.MIB / x.seconds for x in results]), note)
-        rep.add(section, "time for the series", "s", "lower", name,
-                median([x.seconds for x in results]))
+        rep.add(
+            section,
+            "throughput",
+            "MiB/s",
+            "higher",
+            name,
+            median([x.bytes / datagen.MIB / x.seconds for x in results]),
+            note,
+        )
+        rep.add(
+            section, "time for the series", "s", "lower", name, median([x.seconds for x in results])
+        )
 
 
-def run_memory(spec: ServerSpec, names: list[str], bodies: list[tuple[int, datagen.BigBody]],
-               slots: datagen.SlotAllocator, rep: Report, versions: dict[str, str]) -> None:
+def run_memory(
+    spec: ServerSpec,
+    names: list[str],
+    bodies: list[tuple[int, datagen.BigBody]],
+    slots: datagen.SlotAllocator,
+    rep: Report,
+    versions: dict[str, str],
+) -> None:
     section = "Server memory (RSS of the process tree) around one big STOW-RS request"
     for name in names:
         try:
@@ -209,41 +286,96 @@ def run_memory(spec: ServerSpec, names: list[str], bodies: list[tuple[int, datag
             continue
         try:
             time.sleep(3)
-            rep.add(section, "idle after start", "MiB", "lower", name,
-                    rss_kib(tree(srv.proc.pid)) / KIB_PER_MIB)
+            rep.add(
+                section,
+                "idle after start",
+                "MiB",
+                "lower",
+                name,
+                rss_kib(tree(srv.proc.pid)) / KIB_PER_MIB,
+            )
             for mib, body in bodies:
                 res = workloads.big_stow(srv, body, mib, slots.take())
-                log(f"memory {name} {mib} MiB ({body.instances} inst): {res.seconds:.1f}s, RSS "
+                log(
+                    f"memory {name} {mib} MiB ({body.instances} inst): {res.seconds:.1f}s, RSS "
                     f"{res.rss_before_kib / 1024:.0f} -> peak {res.peak_sampled_kib / 1024:.0f} "
                     f"(HWM {res.peak_hwm_kib / 1024:.0f}) -> {res.rss_after_kib / 1024:.0f} MiB; "
-                    f"failed={res.failed} {res.error}")
+                    f"failed={res.failed} {res.error}"
+                )
                 note = f"{res.failed}/{body.instances} failed" if res.failed else ""
                 if res.error:
                     rep.error(section, name, f"{mib} MiB request: {res.error}")
                 m = f"{mib} MiB request"
-                rep.add(section, f"{m}: RSS before", "MiB", "lower", name, res.rss_before_kib / 1024)
-                rep.add(section, f"{m}: peak RSS (sampled every 10 ms)", "MiB", "lower", name,
-                        res.peak_sampled_kib / 1024, note)
-                rep.add(section, f"{m}: peak VmHWM", "MiB", "lower", name,
-                        res.peak_hwm_kib / 1024 if res.hwm_reset else None,
-                        "" if res.hwm_reset else "clear_refs not permitted")
-                rep.add(section, f"{m}: RSS 2 s after", "MiB", "lower", name, res.rss_after_kib / 1024)
-                rep.add(section, f"{m}: ingest throughput", "MiB/s", "higher", name,
-                        res.body_bytes / datagen.MIB / res.seconds if not res.failed else None)
+                rep.add(
+                    section, f"{m}: RSS before", "MiB", "lower", name, res.rss_before_kib / 1024
+                )
+                rep.add(
+                    section,
+                    f"{m}: peak RSS (sampled every 10 ms)",
+                    "MiB",
+                    "lower",
+                    name,
+                    res.peak_sampled_kib / 1024,
+                    note,
+                )
+                rep.add(
+                    section,
+                    f"{m}: peak VmHWM",
+                    "MiB",
+                    "lower",
+                    name,
+                    res.peak_hwm_kib / 1024 if res.hwm_reset else None,
+                    "" if res.hwm_reset else "clear_refs not permitted",
+                )
+                rep.add(
+                    section,
+                    f"{m}: peak minus RSS before",
+                    "MiB",
+                    "lower",
+                    name,
+                    (res.peak_sampled_kib - res.rss_before_kib) / 1024,
+                )
+                rep.add(
+                    section, f"{m}: RSS 2 s after", "MiB", "lower", name, res.rss_after_kib / 1024
+                )
+                rep.add(
+                    section,
+                    f"{m}: ingest throughput",
+                    "MiB/s",
+                    "higher",
+                    name,
+                    res.body_bytes / datagen.MIB / res.seconds if not res.failed else None,
+                )
         finally:
             srv.stop()
 
 
 def header(args: argparse.Namespace, versions: dict[str, str]) -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next((int(ln.split()[1]) // 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
-                if ln.startswith("MemTotal")), 0)
-    import numpy, pydicom, requests  # noqa: E401 - versions for the record only
-    lines = [f"## DICOMweb benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
-             f"- Host: {cpu}, {os.cpu_count()} CPUs, {mem} MiB RAM, Linux {platform.release()}",
-             f"- Client: Python {platform.python_version()}, requests {requests.__version__}, "
-             f"pydicom {pydicom.__version__}, numpy {numpy.__version__}"]
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            int(ln.split()[1]) // 1024
+            for ln in Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemTotal")
+        ),
+        0,
+    )
+    from importlib.metadata import version
+
+    lines = [
+        f"## DICOMweb benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"- Host: {cpu}, {os.cpu_count()} CPUs, {mem} MiB RAM, Linux {platform.release()}",
+        f"- Client: Python {platform.python_version()}, requests {version('requests')}, "
+        f"pydicom {version('pydicom')}, numpy {version('numpy')}",
+    ]
     lines += [f"- {LABELS[n]}: {v}" for n, v in versions.items()]
     lines.append("- Command: `python bench/run.py " + shlex.join(sys.argv[1:]) + "`")
     return lines
@@ -262,16 +394,29 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     plugin = args.orthanc_plugin or (find_dicomweb_plugin() if ORTHANC in names else "")
     tmp_root = Path(tempfile.mkdtemp(prefix="dicomshare-bench-", dir=args.tmp_dir))
-    spec = ServerSpec(dicomshare_cmd, args.database_url, args.orthanc_cmd, plugin,
-                      _orthanc_overrides(args.orthanc_set), tmp_root, args.keep_tmp)
+    spec = ServerSpec(
+        dicomshare_cmd,
+        args.database_url,
+        args.orthanc_cmd,
+        plugin,
+        _orthanc_overrides(args.orthanc_set),
+        tmp_root,
+        args.keep_tmp,
+    )
     rep = Report(names)
     slots = datagen.SlotAllocator()
     args.data.mkdir(parents=True, exist_ok=True)
-    ct = (datagen.ensure_ct(args.data, args.slices, args.series_size, log)
-          if {"stow", "wado"} & set(phases) else None)
+    ct = (
+        datagen.ensure_ct(args.data, args.slices, args.series_size, log)
+        if {"stow", "wado"} & set(phases)
+        else None
+    )
     small = datagen.ensure_small(args.data, args.studies, log) if "qido" in phases else []
-    bodies = ([(m, datagen.ensure_big_body(args.data, m, log)) for m in args.big_list]
-              if "memory" in phases else [])
+    bodies = (
+        [(m, datagen.ensure_big_body(args.data, m, log)) for m in args.big_list]
+        if "memory" in phases
+        else []
+    )
     versions: dict[str, str] = {}
     if {"stow", "qido", "wado"} & set(phases):
         servers: dict[str, Server] = {}
@@ -288,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append(("stow", lambda: run_stow(servers, ct, args, slots, rep)))
             if "qido" in phases:
                 # each STOW run stores the CT study once more (fresh UIDs)
-                extra = (len(args.client_list) * (2 if args.batch > 1 else 1) * args.repeat
-                         if "stow" in phases else 0)
+                extra = (
+                    len(args.client_list) * (2 if args.batch > 1 else 1) * args.repeat
+                    if "stow" in phases
+                    else 0
+                )
                 steps.append(("qido", lambda: run_qido(servers, small, args, slots, rep, extra)))
             if ct and "wado" in phases:
                 steps.append(("wado", lambda: run_wado(servers, ct, args, slots, rep)))

@@ -15,9 +15,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import requests
 
@@ -71,8 +71,13 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path,
-                headers: dict[str, str] | None = None) -> None:
+def _wait_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    log_path: Path,
+    headers: dict[str, str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -95,8 +100,9 @@ def find_dicomweb_plugin() -> str:
     """Locate the Orthanc DICOMweb plugin shipped by the Debian package."""
     candidates: list[str] = []
     try:
-        out = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True,
-                             text=True, check=False).stdout
+        out = subprocess.run(
+            ["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=False
+        ).stdout
         candidates += [ln for ln in out.splitlines() if ln.endswith(".so") and "plugins" in ln]
     except OSError:
         pass
@@ -109,8 +115,9 @@ def find_dicomweb_plugin() -> str:
     raise RuntimeError("Orthanc DICOMweb plugin not found (apt-get install orthanc-dicomweb)")
 
 
-def orthanc_config(workdir: Path, http_port: int, plugin: str,
-                   overrides: dict[str, object]) -> dict[str, object]:
+def orthanc_config(
+    workdir: Path, http_port: int, plugin: str, overrides: dict[str, object]
+) -> dict[str, object]:
     """Stock Orthanc settings except what isolation needs (ports, folders, no remote access)."""
     cfg: dict[str, object] = {
         "Name": "dicomshare-bench",
@@ -132,16 +139,22 @@ def orthanc_config(workdir: Path, http_port: int, plugin: str,
     return cfg
 
 
-def start_orthanc(cmd: str, plugin: str, overrides: dict[str, object], tmp_root: Path,
-                  keep: bool, log: Log) -> Server:
+def start_orthanc(
+    cmd: str, plugin: str, overrides: dict[str, object], tmp_root: Path, keep: bool, log: Log
+) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=tmp_root))
     port = free_port()
     cfg_path = workdir / "orthanc.json"
     cfg_path.write_text(json.dumps(orthanc_config(workdir, port, plugin, overrides), indent=2))
     log_path = workdir / "orthanc.log"
     with log_path.open("wb") as logf:
-        proc = subprocess.Popen([cmd, str(cfg_path)], cwd=workdir, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [cmd, str(cfg_path)],
+            cwd=workdir,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     _wait_ready(f"{base}/system", proc, 60, log_path)
     _wait_ready(f"{base}/dicom-web/studies?limit=1", proc, 30, log_path)
@@ -151,8 +164,16 @@ def start_orthanc(cmd: str, plugin: str, overrides: dict[str, object], tmp_root:
     except (requests.RequestException, ValueError):
         plug = "?"
     log(f"orthanc {version} (DICOMweb plugin {plug}) pid {proc.pid} on {base}")
-    return Server(ORTHANC, f"{base}/dicom-web", {}, proc, workdir, log_path,
-                  f"Orthanc {version}, DICOMweb plugin {plug}", keep)
+    return Server(
+        ORTHANC,
+        f"{base}/dicom-web",
+        {},
+        proc,
+        workdir,
+        log_path,
+        f"Orthanc {version}, DICOMweb plugin {plug}",
+        keep,
+    )
 
 
 def resolve_dicomshare(cmd: str, repo_root: Path) -> str:
@@ -163,46 +184,88 @@ def resolve_dicomshare(cmd: str, repo_root: Path) -> str:
     if not found:
         raise FileNotFoundError(
             f"dicomshare command not found: {cmd} (run `make install`, pass --dicomshare-cmd, "
-            "or use --only orthanc)")
+            "or use --only orthanc)"
+        )
     return found
 
 
-def start_dicomshare(cmd: str, database_url: str | None, tmp_root: Path, keep: bool,
-                     log: Log) -> Server:
+def start_dicomshare(
+    cmd: str, database_url: str | None, tmp_root: Path, keep: bool, log: Log
+) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="dicomshare-", dir=tmp_root))
     env = dict(os.environ, DICOMSHARE_DATA_DIR=str(workdir / "data"))
     if database_url:
         env["DICOMSHARE_DATABASE_URL"] = database_url
 
     def cli(*args: str, stdin: str | None = None) -> str:
-        res = subprocess.run([cmd, *args], input=stdin, env=env, cwd=workdir,
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [cmd, *args],
+            input=stdin,
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if res.returncode != 0:
-            raise RuntimeError(f"dicomshare {' '.join(args)} failed ({res.returncode}):\n"
-                               f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+            raise RuntimeError(
+                f"dicomshare {' '.join(args)} failed ({res.returncode}):\n"
+                f"{res.stdout[-2000:]}{res.stderr[-2000:]}"
+            )
         return res.stdout
 
-    cli("users", "create", "bench", "--org", "bench", "--role", "admin", "--password-stdin",
-        stdin="bench-password\n")
+    try:
+        cli(
+            "users",
+            "create",
+            "bench",
+            "--org",
+            "bench",
+            "--role",
+            "admin",
+            "--password-stdin",
+            stdin="bench-password\n",
+        )
+    except RuntimeError as exc:
+        if not database_url:
+            raise
+        # A persistent PostgreSQL database may already hold the user from an earlier run.
+        log(f"ignoring (database reused?): {exc}")
     token = cli("tokens", "create", "bench").strip().splitlines()[-1].strip()
     try:
-        version = subprocess.run([cmd, "--version"], env=env, capture_output=True, text=True,
-                                 timeout=30).stdout.strip()
+        version = subprocess.run(
+            [cmd, "--version"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     port = free_port()
     log_path = workdir / "dicomshare.log"
     with log_path.open("wb") as logf:
-        proc = subprocess.Popen([cmd, "serve", "--http-host", "127.0.0.1", "--http-port", str(port)],
-                                cwd=workdir, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [cmd, "serve", "--http-host", "127.0.0.1", "--http-port", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     _wait_ready(f"{base}/healthz", proc, 90, log_path)
-    log(f"dicomshare {version or '(version unknown)'} pid {proc.pid} on {base}"
-        f"{' with ' + database_url.split('@')[-1] if database_url else ''}")
-    return Server(DICOMSHARE, f"{base}/dicomweb", {"Authorization": f"Bearer {token}"}, proc,
-                  workdir, log_path, version or "dicomshare", keep,
-                  {"database": "postgresql" if database_url else "default"})
+    log(
+        f"dicomshare {version or '(version unknown)'} pid {proc.pid} on {base}"
+        f"{' with ' + database_url.split('@')[-1] if database_url else ''}"
+    )
+    return Server(
+        DICOMSHARE,
+        f"{base}/dicomweb",
+        {"Authorization": f"Bearer {token}"},
+        proc,
+        workdir,
+        log_path,
+        version or "dicomshare",
+        keep,
+        {"database": "postgresql" if database_url else "default"},
+    )
 
 
 @dataclass
@@ -219,7 +282,14 @@ class ServerSpec:
 
     def start(self, name: str, log: Log) -> Server:
         if name == ORTHANC:
-            return start_orthanc(self.orthanc_cmd, self.orthanc_plugin, self.orthanc_overrides,
-                                 self.tmp_root, self.keep, log)
-        return start_dicomshare(self.dicomshare_cmd, self.database_url, self.tmp_root,
-                                self.keep, log)
+            return start_orthanc(
+                self.orthanc_cmd,
+                self.orthanc_plugin,
+                self.orthanc_overrides,
+                self.tmp_root,
+                self.keep,
+                log,
+            )
+        return start_dicomshare(
+            self.dicomshare_cmd, self.database_url, self.tmp_root, self.keep, log
+        )

@@ -14,9 +14,9 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import requests
@@ -73,7 +73,7 @@ def stow(server: Server, files: list[Path], clients: int, batch: int, slot: str)
                     cursor[0] += batch
                 if start >= len(files):
                     return
-                parts = [datagen.reslot(f.read_bytes(), slot) for f in files[start:start + batch]]
+                parts = [datagen.reslot(f.read_bytes(), slot) for f in files[start : start + batch]]
                 r = sess.post(url, data=datagen.multipart(parts), headers=headers, timeout=TIMEOUT)
                 failed, err = _stow_outcome(r.status_code, r.content, len(parts))
                 with lock:
@@ -100,25 +100,35 @@ def stow(server: Server, files: list[Path], clients: int, batch: int, slot: str)
     return res
 
 
-def upload(server: Server, files: list[Path], slot: str, batch: int, clients: int,
-           log: Log, what: str) -> None:
+def upload(
+    server: Server, files: list[Path], slot: str, batch: int, clients: int, log: Log, what: str
+) -> None:
     """Untimed bulk load (QIDO corpus, WADO series); raises if anything was rejected."""
     t0 = time.perf_counter()
     res = stow(server, files, clients, batch, slot)
     if res.failed or res.errors or res.instances != len(files):
-        raise RuntimeError(f"loading {what} into {server.name} failed: {res.failed} failed, "
-                           f"{res.instances}/{len(files)} sent; {res.errors[:3]}")
+        raise RuntimeError(
+            f"loading {what} into {server.name} failed: {res.failed} failed, "
+            f"{res.instances}/{len(files)} sent; {res.errors[:3]}"
+        )
     log(f"loaded {len(files)} {what} into {server.name} in {time.perf_counter() - t0:.1f}s")
 
 
 # --- QIDO-RS -------------------------------------------------------------------------------
 
+
 def make_queries(n_studies: int, count: int, seed: int = 42) -> list[tuple[str, str]]:
     """(kind, relative URL) pairs mixing selective, wildcard, range and paging searches."""
     rng = random.Random(seed)
     prefixes = sorted({s[:3] for s in datagen.SURNAMES})
-    kinds = ["PatientID", "PatientName prefix*", "StudyDate year&limit=25",
-             "limit=25&offset", "ModalitiesInStudy=CT&limit=25", "AccessionNumber"]
+    kinds = [
+        "PatientID",
+        "PatientName prefix*",
+        "StudyDate year&limit=25",
+        "limit=25&offset",
+        "ModalitiesInStudy=CT&limit=25",
+        "AccessionNumber",
+    ]
     out: list[tuple[str, str]] = []
     for i in range(count):
         kind = kinds[i % len(kinds)]
@@ -150,17 +160,20 @@ class QidoResult:
         return [x for v in self.latencies.values() for x in v]
 
 
-def qido(servers: list[Server], queries: list[tuple[str, str]], warmup: int = 10) -> dict[str, QidoResult]:
+def qido(
+    servers: list[Server], queries: list[tuple[str, str]], warmup: int = 10
+) -> dict[str, QidoResult]:
     """Run every query on every server back to back, alternating who goes first."""
     sessions = {s.name: s.session() for s in servers}
     results = {s.name: QidoResult() for s in servers}
-    for i, (kind, rel) in enumerate(queries[:warmup] + queries):
+    for i, (kind, rel) in enumerate(queries):  # the first `warmup` ones are not recorded
         order = servers if i % 2 == 0 else list(reversed(servers))
         for srv in order:
             t0 = time.perf_counter()
             try:
-                r = sessions[srv.name].get(srv.root + rel, headers={"Accept": JSON_ACCEPT},
-                                           timeout=TIMEOUT)
+                r = sessions[srv.name].get(
+                    srv.root + rel, headers={"Accept": JSON_ACCEPT}, timeout=TIMEOUT
+                )
                 body = r.content
                 dt = time.perf_counter() - t0
             except requests.RequestException as exc:
@@ -205,8 +218,10 @@ def wado_series(server: Server, study: str, series: str, accept: str = WADO_ACCE
     total = 0
     try:
         t0 = time.perf_counter()
-        with sess.get(url, headers={"Accept": accept}, stream=True, timeout=TIMEOUT) as r, \
-                open(os.devnull, "wb") as sink:
+        with (
+            sess.get(url, headers={"Accept": accept}, stream=True, timeout=TIMEOUT) as r,
+            open(os.devnull, "wb") as sink,
+        ):
             if r.status_code != 200:
                 raise RuntimeError(f"WADO-RS HTTP {r.status_code}: {r.content[:200]!r}")
             for chunk in r.iter_content(chunk_size=datagen.MIB):
@@ -219,6 +234,7 @@ def wado_series(server: Server, study: str, series: str, accept: str = WADO_ACCE
 
 
 # --- memory under one big STOW-RS request ----------------------------------------------------
+
 
 @dataclass
 class BigStowResult:
@@ -234,8 +250,9 @@ class BigStowResult:
     error: str
 
 
-def big_stow(server: Server, body: datagen.BigBody, mib: int, slot: str,
-             settle: float = 2.0) -> BigStowResult:
+def big_stow(
+    server: Server, body: datagen.BigBody, mib: int, slot: str, settle: float = 2.0
+) -> BigStowResult:
     """Stream a multipart body from disk (never held in memory) while sampling server RSS."""
     u = urlsplit(server.root)
     pid = server.proc.pid
@@ -270,5 +287,15 @@ def big_stow(server: Server, body: datagen.BigBody, mib: int, slot: str,
     peak = sampler.result()
     failed, err = _stow_outcome(status, data, body.instances) if status else (body.instances, "")
     time.sleep(settle)
-    return BigStowResult(mib, body.size, seconds, rss_before, peak.sampled_kib, peak.hwm_kib,
-                         peak.hwm_reset, rss_kib(tree(pid)), failed, error or err)
+    return BigStowResult(
+        mib,
+        body.size,
+        seconds,
+        rss_before,
+        peak.sampled_kib,
+        peak.hwm_kib,
+        peak.hwm_reset,
+        rss_kib(tree(pid)),
+        failed,
+        error or err,
+    )

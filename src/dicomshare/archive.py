@@ -36,6 +36,7 @@ from dicomshare.errors import (
 from dicomshare.storage import make_engine, migrate, open_blobs, open_index
 from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance, TempBlob
 from dicomshare.storage.filesystem import FilesystemBlobStore
+from dicomshare.storage.groupcommit import GroupCommit
 from dicomshare.storage.sql import SqlIndex
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Archive:
         self.settings = settings
         self.index = index
         self.blobs = blobs
+        self._commits = GroupCommit(index)
 
     @classmethod
     def open(cls, settings: Settings) -> Archive:
@@ -119,7 +121,7 @@ class Archive:
                 result.error = exc
         if pending:
             try:
-                outcomes = self.index.add([rec for _, rec in pending])
+                outcomes = self._commits.add([rec for _, rec in pending])
             except Exception as exc:  # the database is down or full: nothing acknowledged
                 log.exception("index commit failed")
                 failure = StorageFailure(f"could not commit to the index: {type(exc).__name__}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 import zipfile
 from collections import Counter
@@ -22,7 +23,7 @@ from typing import IO, Any
 
 from dicomshare import __version__
 from dicomshare.archive import Archive, StoreResult
-from dicomshare.config import Settings, load_settings
+from dicomshare.config import Settings, load_settings, settings_environment
 from dicomshare.errors import DicomshareError
 from dicomshare.storage.base import Outcome
 
@@ -104,12 +105,20 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
         print("\nFirst start: created user 'admin'. Its API token (shown only once):\n\n"
               f"    {first}\n\nUse it as: Authorization: Bearer <token>\n", file=sys.stderr,
               flush=True)
-    app = create_app(settings, archive)
     print(f"dicomshare {__version__}: DICOMweb at http://{settings.http_host}:"
           f"{settings.http_port}{settings.dicomweb_root} (data in {settings.data_dir})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port,
-                log_level=settings.log_level, access_log=False, timeout_keep_alive=30)
+    options: dict[str, Any] = dict(host=settings.http_host, port=settings.http_port,
+                                   log_level=settings.log_level, access_log=False,
+                                   timeout_keep_alive=30)
+    if settings.workers > 1:
+        # Worker processes rebuild the settings from the environment.
+        archive.close()
+        os.environ.update(settings_environment(settings))
+        uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=settings.workers,
+                    **options)
+    else:
+        uvicorn.run(create_app(settings, archive), **options)
     return 0
 
 

@@ -62,6 +62,21 @@ def _convert(name: str, raw: str) -> Any:
     return raw
 
 
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The settings as DICOMSHARE_* variables, for child processes."""
+    env = {}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        value = getattr(settings, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[ENV_PREFIX + f.name.upper()] = str(value)
+    return env
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:

@@ -24,7 +24,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pack_bits, pixel_array
+from pydicom.pixels import iter_pixels, pack_bits, pixel_array
 from pydicom.uid import UID
 
 from . import transfer
@@ -117,14 +117,44 @@ class PixelSource:
                              f"{self.number_of_frames} frame(s)")
         return frame_number - 1
 
-    def decode(self, index: int, *, raw: bool = False) -> np.ndarray:
+    def _pydicom_source(self, f: IO[bytes] | None = None) -> Any:
+        """A file lets pydicom read just the frame; a deflated file is decoded in memory."""
+        if self._inline is not None:
+            return self.meta
+        return self.path if f is None else f
+
+    def _decode_error(self, index: int, exc: Exception) -> PixelError:
+        return PixelError(f"cannot decode frame {index + 1} ({transfer.name(self.ts)}): {exc}")
+
+    def decode(self, index: int, *, raw: bool = False, f: IO[bytes] | None = None) -> np.ndarray:
         """One decoded frame as pydicom returns it (YBR converted to RGB unless `raw`)."""
-        src: Any = self.meta if self._inline is not None else self.path
         try:
-            return pixel_array(src, index=index, raw=raw)
+            return pixel_array(self._pydicom_source(f), index=index, raw=raw)
+        except MemoryError:
+            raise
         except Exception as exc:  # codec failures come as many exception types
-            raise PixelError(f"cannot decode frame {index + 1} "
-                             f"({transfer.name(self.ts)}): {exc}") from exc
+            raise self._decode_error(index, exc) from exc
+
+    def iter_decoded(self, f: IO[bytes], indexes: list[int]) -> Iterator[bytes]:
+        """Decompressed frames as native little endian bytes, pixel interleaved.
+
+        One pydicom iterator serves all frames, so the header is parsed once. Colour is
+        converted like ``Dataset.decompress()`` does, so the bytes match the instance
+        transcoded to Explicit VR Little Endian.
+        """
+        arrays = iter_pixels(self._pydicom_source(f), indices=indexes)
+        with f:
+            for index in indexes:
+                try:
+                    arr = next(arrays)
+                except MemoryError:
+                    raise
+                except Exception as exc:
+                    raise self._decode_error(index, exc) from exc
+                if self.bits_allocated == 1:
+                    yield pack_bits(arr, pad=False)
+                else:
+                    yield np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
 
     # -- raw (stored) frames ------------------------------------------------------------
 
@@ -148,7 +178,7 @@ class PixelSource:
             if self.little_endian and pixels % 8 == 0:
                 return self._read(f, index * pixels // 8, pixels // 8)
             # Frames start mid-byte (or big endian words): let pydicom unpack them.
-            return pack_bits(self.decode(index, raw=True), pad=False)
+            return pack_bits(self.decode(index, raw=True, f=f), pad=False)
         if self.bits_allocated % 8:
             raise PixelError(f"unsupported BitsAllocated {self.bits_allocated}")
         size = self._native_frame_length()
@@ -173,17 +203,6 @@ class PixelSource:
         except Exception as exc:
             raise PixelError(f"cannot locate frame {index + 1} in the encapsulated "
                              f"pixel data: {exc}") from exc
-
-    def decoded_frame(self, index: int) -> bytes:
-        """Decompressed frame as native little endian bytes, pixel interleaved.
-
-        Colour is converted like ``Dataset.decompress()`` does, so the bytes match the
-        instance transcoded to Explicit VR Little Endian.
-        """
-        arr = self.decode(index)
-        if self.bits_allocated == 1:
-            return pack_bits(arr, pad=False)
-        return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
 def _swap(data: bytes, unit: int) -> bytes:
@@ -277,7 +296,8 @@ def frames(
     that is only served when the stored syntax already has it (no re-compression).
     `transfer_syntax` narrows a compressed type to one syntax; None or ``*`` accept any
     syntax of that media type. All checks happen before this returns, so the caller can
-    still answer with an error status; the iterator only reads and decodes.
+    still answer with an error status; the iterator only reads and decodes, from a file
+    opened here (so a blob deleted meanwhile can still be streamed on POSIX).
     """
     src = open_source(path)
     if not frame_numbers:
@@ -290,10 +310,9 @@ def frames(
     ts_ok = {None, "", "*"}
     stored_type = info.media_type if info is not None else None
 
-    if src.encapsulated and stored_type not in (None, OCTET_STREAM):
-        assert stored_type is not None
+    if src.encapsulated and stored_type is not None and stored_type != OCTET_STREAM:
         if transfer.media_type_matches(want, stored_type) and transfer_syntax in ts_ok | {src.ts}:
-            return stored_type, src.ts, _iter(src, indexes, src.encapsulated_frame)
+            return stored_type, src.ts, _iter(src.open(), indexes, src.encapsulated_frame)
 
     if not transfer.media_type_matches(want, OCTET_STREAM) or (
         transfer_syntax not in ts_ok | {EXPLICIT_VR_LE}
@@ -302,26 +321,21 @@ def frames(
         raise NotAcceptable(f"frames are stored as {stored}; they can be served as that "
                             f"or as {OCTET_STREAM}, not as {want}")
     if not src.encapsulated:
-        return OCTET_STREAM, None, _iter(src, indexes, src.native_frame)
+        return OCTET_STREAM, None, _iter(src.open(), indexes, src.native_frame)
     if stored_type == OCTET_STREAM:  # encapsulated uncompressed: fragments are native
-        return OCTET_STREAM, None, _iter(src, indexes, src.encapsulated_frame)
+        return OCTET_STREAM, None, _iter(src.open(), indexes, src.encapsulated_frame)
     if not transfer.can_decompress(src.ts):
         raise NotAcceptable(f"pixel data in {transfer.name(src.ts)} cannot be decompressed "
                             "by this server")
-    return OCTET_STREAM, None, _iter_decoded(src, indexes)
+    return OCTET_STREAM, None, src.iter_decoded(src.open(), indexes)
 
 
 def _iter(
-    src: PixelSource, indexes: list[int], read: Callable[[IO[bytes], int], bytes]
+    f: IO[bytes], indexes: list[int], read: Callable[[IO[bytes], int], bytes]
 ) -> Iterator[bytes]:
-    with src.open() as f:
+    with f:
         for index in indexes:
             yield read(f, index)
-
-
-def _iter_decoded(src: PixelSource, indexes: list[int]) -> Iterator[bytes]:
-    for index in indexes:
-        yield src.decoded_frame(index)
 
 
 # -- whole-instance transcoding ----------------------------------------------------------
@@ -354,13 +368,9 @@ def transcode_to(path: PathLike, ts_uid: str, out: BinaryIO) -> None:
     if target not in TRANSCODE_TARGETS:
         raise NotAcceptable(f"cannot convert {transfer.name(source_ts)} to "
                             f"{transfer.name(target)}")
-    try:
-        has_pixels = open_source(p) is not None
-    except PixelError:
-        has_pixels = False
     ds = _read_dataset(p)
     pixels = next((k for k in _PIXEL_TAGS.values() if k in ds), None)
-    if has_pixels and pixels is None:
+    if pixels is None and _has_pixel_header(p):
         # pydicom drops a truncated last element with only a warning.
         raise PixelError("the stored pixel data is truncated")
     if pixels is not None and transfer.is_encapsulated(source_ts):
@@ -373,6 +383,14 @@ def transcode_to(path: PathLike, ts_uid: str, out: BinaryIO) -> None:
     except (ValueError, TypeError, OverflowError, struct.error) as exc:
         raise PixelError(f"cannot encode the instance in {transfer.name(target)}: "
                          f"{exc}") from exc
+
+
+def _has_pixel_header(path: Path) -> bool:
+    try:
+        open_source(path)
+    except PixelError:
+        return False
+    return True
 
 
 def _decompress(ds: Dataset, source_ts: str) -> None:

@@ -33,6 +33,8 @@ _PIPELINE_KEYWORDS = (
 _FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 
 RENDERED_MEDIA_TYPES = tuple(_FORMATS)
+# Upscaling is allowed, within reason: a huge viewport would be a memory bomb.
+MAX_VIEWPORT_SIDE = 16384
 
 
 def render(
@@ -70,8 +72,8 @@ def render(
 
 def thumbnail(path: PathLike, *, media_type: str = "image/jpeg", size: int = 128) -> bytes:
     """The middle frame, scaled to fit a `size` x `size` box: representative for cine."""
-    if size <= 0:
-        raise PixelError("thumbnail size must be positive")
+    if not 0 < size <= MAX_VIEWPORT_SIDE:
+        raise PixelError(f"thumbnail size must be between 1 and {MAX_VIEWPORT_SIDE}")
     middle = open_source(path).number_of_frames // 2 + 1
     return render(path, middle, media_type=media_type, viewport=(size, size))
 
@@ -209,8 +211,9 @@ def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _fit(image: Image.Image, viewport: tuple[int, int]) -> Image.Image:
     vw, vh = viewport
-    if vw <= 0 or vh <= 0:
-        raise PixelError("viewport width and height must be positive")
+    if not (0 < vw <= MAX_VIEWPORT_SIDE and 0 < vh <= MAX_VIEWPORT_SIDE):
+        raise PixelError(f"viewport width and height must be between 1 and "
+                         f"{MAX_VIEWPORT_SIDE}")
     scale = min(vw / image.width, vh / image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if size == image.size:

@@ -121,15 +121,19 @@ class SqlIndex:
             select(s.series.c.pk, s.series.c.study_pk)
             .where(s.series.c.series_instance_uid == h.series_uid)
         ).one()
-        if owner != study_pk:
-            return Outcome.CONFLICT  # the series already belongs to another study
+        if owner != study_pk:  # the series already belongs to another study
+            conn.execute(delete(s.study).where(  # drop the study row made for it, if empty
+                s.study.c.pk == study_pk, ~exists().where(s.series.c.study_pk == s.study.c.pk)))
+            return Outcome.CONFLICT
         inst_row = {_col(k): v.get(k) for k in _INSTANCE_VALUES}
         inst_row.update(sop_instance_uid=h.sop_uid, series_pk=series_pk,
                         sop_class_uid=h.sop_class_uid, transfer_syntax_uid=h.transfer_syntax_uid,
                         blob_key=rec.blob_key, size=rec.size, sha256=rec.sha256,
                         metadata=h.metadata_text(), created_at=now)
-        result = conn.execute(self._insert_ignore(s.instance, inst_row, "sop_instance_uid"))
-        if result.rowcount == 0:  # a concurrent writer stored this UID first
+        # rowcount is -1 for INSERT .. ON CONFLICT on psycopg: ask for the new row instead.
+        inserted = conn.execute(self._insert_ignore(s.instance, inst_row, "sop_instance_uid")
+                                .returning(s.instance.c.pk)).first()
+        if inserted is None:  # a concurrent writer stored this UID first
             other = conn.execute(
                 select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
             ).scalar_one()

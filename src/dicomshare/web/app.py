@@ -84,6 +84,13 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """Factory for worker processes (``serve --workers N``): settings come from the env."""
+    from dicomshare.config import load_settings
+
+    return create_app(load_settings())
+
+
 def principal(request: Request) -> Principal:
     """The authenticated caller; raises Unauthenticated (401) otherwise."""
     cached = getattr(request.state, "principal", None)
