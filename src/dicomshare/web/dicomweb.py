@@ -307,6 +307,7 @@ async def _retrieve(request: Request, study: str, series: str | None = None,
             headers = {"Content-Type": f"application/dicom; transfer-syntax={ts}",
                        "Content-Location": instance_url(root, inst)}
             if ts == inst.transfer_syntax_uid:
+                headers["Content-Length"] = str(inst.size)
                 yield headers, archive.read_chunks(inst.blob_key)
             else:
                 yield headers, _transcoded(archive, inst, ts)
