@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,21 +194,24 @@ def run_qido(
         note = f"{len(res.errors)} errors" if res.errors else ""
         rep.add(section, "all queries p50", "ms", "lower", name, percentile(allq, 50), note)
         rep.add(section, "all queries p95", "ms", "lower", name, percentile(allq, 95), note)
-        for kind, lat in res.latencies.items():
-            ms = [x * 1000 for x in lat]
+        for kind in (k for k in workloads.QUERY_KINDS if k in res.latencies):
+            ms = [x * 1000 for x in res.latencies[kind]]
             rep.add(section, f"{kind}: p50", "ms", "lower", name, percentile(ms, 50))
             rep.add(section, f"{kind}: p95", "ms", "lower", name, percentile(ms, 95))
         log(f"QIDO {name}: p50 {percentile(allq, 50):.1f} ms, p95 {percentile(allq, 95):.1f} ms")
     if len(results) == 2:
         a, b = (results[n].counts for n in (DICOMSHARE, ORTHANC))
         diff = [
-            f"`{q}`: {x} vs {y}"
-            for (_, q), x, y in zip(queries[warmup:], a, b, strict=False)
+            (kind, f"`{q}`: {x} vs {y}")
+            for (kind, q), x, y in zip(queries[warmup:], a, b, strict=False)
             if x != y
         ]
+        kinds = Counter(k for k, _ in diff)
         rep.notes.append(
             f"QIDO result counts (dicomshare vs Orthanc) differ for {len(diff)} of {len(a)} "
-            "queries" + (", e.g. " + "; ".join(diff[:3]) if diff else "")
+            "queries"
+            + (f" ({', '.join(f'{k}: {n}' for k, n in kinds.items())}), e.g. " if diff else "")
+            + "; ".join(t for _, t in diff[:3])
         )
     if extra_studies:
         rep.notes.append(
@@ -347,7 +351,7 @@ def run_memory(
                     res.body_bytes / datagen.MIB / res.seconds if not res.failed else None,
                 )
         finally:
-            srv.stop()
+            log(f"{name}: {srv.stop()}")
 
 
 def header(args: argparse.Namespace, versions: dict[str, str]) -> list[str]:
@@ -455,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                         rep.error(phase, name, f"server died:\n{srv.log_tail(10)}")
                         del servers[name]
         finally:
-            for srv in servers.values():
-                srv.stop()
+            for name, srv in servers.items():
+                log(f"{name}: {srv.stop()}")
     if bodies:
         log("--- phase memory ---")
         run_memory(spec, names, bodies, slots, rep, versions)

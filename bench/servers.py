@@ -59,16 +59,26 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> str:
+        """SIGTERM, then SIGKILL after `timeout`; returns how it ended, for the log."""
+        t0 = time.monotonic()
+        how = "already exited"
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=timeout)
+                how = "stopped"
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                how = f"killed (no exit {timeout:.0f}s after SIGTERM)"
+        t1 = time.monotonic()
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        return (
+            f"{how}, rc {self.proc.returncode} after {t1 - t0:.1f}s; "
+            f"work folder removed in {time.monotonic() - t1:.1f}s"
+        )
 
 
 def _wait_ready(

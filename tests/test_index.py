@@ -7,6 +7,7 @@ folder) with real DICOM files derived from pydicom's CT_small.dcm and MR_small.d
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import uuid
 from collections.abc import Iterator
@@ -210,7 +211,8 @@ def test_series_and_instance_search(archive: Archive, two_studies: dict[str, Any
 def test_locate_orders_by_series_then_instance_number(archive: Archive,
                                                       two_studies: dict[str, Any]) -> None:
     located = archive.locate(two_studies["a"])
-    order = [(inst.series_uid, dcmread(archive.blobs._path(inst.blob_key)).InstanceNumber)
+    order = [(inst.series_uid,
+              dcmread(io.BytesIO(b"".join(archive.read_chunks(inst.blob_key)))).InstanceNumber)
              for inst, _ in located]
     mr, ct = two_studies["mr"], two_studies["ct"]
     assert order == [(mr, 1), (mr, 2), (ct, 1), (ct, 2), (ct, 3)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -26,6 +26,15 @@ IVRLE = "1.2.840.10008.1.2"
 OCTET = "application/octet-stream"
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Archives serve what they stored; some sample files have invalid values. Pin the
+    default WARN mode: dicomweb-client leaves pydicom in RAISE mode when a call it wraps
+    fails, which would leak in from other test modules."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
 
 
 def data(name: str) -> str:

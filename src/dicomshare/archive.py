@@ -216,6 +216,8 @@ class Archive:
                     shutil.copyfileobj(src, temp)
             result = self.store_received([temp])[0]
             if result.ok:
+                if temp.sha256() != key:  # misnamed: the bytes now live under their own key
+                    self.blobs.delete(key)
                 report.repaired.append(f"re-indexed orphan blob {key} ({result.sop_uid})")
             else:
                 self.blobs.delete(key)

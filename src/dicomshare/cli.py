@@ -16,6 +16,7 @@ import sys
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -140,7 +141,8 @@ def _sources(paths: list[Path]) -> Iterator[_Source]:
             if path.name.upper() == "DICOMDIR":
                 continue  # a media directory, not an instance
             if zipfile.is_zipfile(path) and not _looks_dicom(path):
-                with zipfile.ZipFile(path) as archive:
+                # Left open: the members are read after all sources are listed.
+                with nullcontext(zipfile.ZipFile(path)) as archive:
                     for info in archive.infolist():
                         if info.is_dir() or Path(info.filename).name.upper() == "DICOMDIR":
                             continue
@@ -264,7 +266,7 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
     identities = Identities(Archive.open(settings).index.engine)
     if args.action == "create":
         expires = (datetime.now(UTC) + timedelta(days=args.expires_days)
-                   if args.expires_days else None)
+                   if args.expires_days is not None else None)
         token_id, secret = identities.create_token(args.user, args.name, expires)
         print(secret)
         print(f"token id {token_id} for {args.user}", file=sys.stderr)

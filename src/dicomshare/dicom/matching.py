@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dicomshare.dicom.attributes import Level, keyword, parse_path, tag_hex, vr_of
+from dicomshare.dicom.attributes import Level, is_valid_uid, keyword, parse_path, tag_hex, vr_of
 from dicomshare.errors import InvalidQuery
 
 
@@ -73,6 +73,7 @@ _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
 _RANGE_VRS = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}
+_NO_WILDCARD = {"IS", "DS", "SL", "SS", "SV", "UL", "US", "UV", "FL", "FD", "AS", "AT"}
 CONTROL_PARAMS = {"includefield", "limit", "offset", "fuzzymatching", "accept", "charset"}
 
 
@@ -90,7 +91,7 @@ def condition_for(key: str, raw: str) -> Condition:
     if vr == "UI":
         uids = tuple(u.strip() for u in re.split(r"[\\,]", value) if u.strip())
         for uid in uids:
-            if not re.match(r"^[0-9.]{1,64}$", uid):
+            if not is_valid_uid(uid):
                 raise InvalidQuery(f"{key}: {uid[:80]!r} is not a valid UID")
         return Condition(path, Kind.LIST if len(uids) > 1 else Kind.SINGLE,
                          uids if len(uids) > 1 else uids[0], vr)
@@ -111,6 +112,8 @@ def condition_for(key: str, raw: str) -> Condition:
         items = tuple(v.strip() for v in re.split(r"[\\,]", value) if v.strip())
         return Condition(path, Kind.LIST, items, vr)
     if "*" in value or "?" in value:
+        if vr in _NO_WILDCARD:  # PS3.4 C.2.2.2.4: no wildcard matching for these VRs
+            raise InvalidQuery(f"{key}: wildcards are not allowed in {vr} values")
         return Condition(path, Kind.WILDCARD, value, vr)
     return Condition(path, Kind.SINGLE, value, vr)
 

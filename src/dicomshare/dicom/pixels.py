@@ -3,10 +3,10 @@
 Frames are read straight from the stored Part 10 file: the data set is parsed only up
 to the Pixel Data element, and then only the bytes of the requested frames are read
 (native data is sliced at computed offsets, encapsulated data is walked fragment by
-fragment by pydicom). Decoding goes through ``pydicom.pixels.pixel_array(path,
-index=...)`` so that a single frame is decoded at a time. The one exception is the
-Deflated Explicit VR Little Endian syntax, where the data set is one deflate stream and
-has to be inflated as a whole.
+fragment by pydicom). Decoding goes through ``pydicom.pixels.pixel_array(file,
+index=...)`` / ``iter_pixels(file, indices=...)`` so that one frame is decoded at a
+time. The one exception is the Deflated Explicit VR Little Endian syntax, where the data
+set is one deflate stream and has to be inflated as a whole.
 """
 
 from __future__ import annotations

@@ -24,7 +24,11 @@ def configure(engine: Engine, durable: bool) -> None:
         cur.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
+        # Match PostgreSQL: LIKE is case-sensitive, lower() folds non-ASCII letters too.
+        cur.execute("PRAGMA case_sensitive_like=ON")
         cur.close()
+        dbapi_conn.create_function("lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
+                                   deterministic=True)
 
 
 class SqliteIndex(SqlIndex):

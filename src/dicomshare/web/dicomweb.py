@@ -269,10 +269,13 @@ def _choose_transfer_syntaxes(request: Request) -> list[str]:
         if rng.type == "multipart/related":
             part_type = rng.params.get("type", "application/dicom").lower()
         if part_type in ("application/dicom", "*/*", "application/*"):
-            ts = rng.params.get("transfer-syntax", EXPLICIT_LE if part_type ==
-                                "application/dicom" else "*")
-            if ts not in choices:
-                choices.append(ts)
+            # No transfer-syntax parameter means Explicit VR Little Endian (PS3.18 8.7.3),
+            # also for */*; a wildcard may still fall back to the stored syntax.
+            ts = rng.params.get("transfer-syntax", EXPLICIT_LE)
+            wildcard = part_type != "application/dicom" and "transfer-syntax" not in rng.params
+            for choice in (ts, "*") if wildcard else (ts,):
+                if choice not in choices:
+                    choices.append(choice)
     if not choices:
         raise NotAcceptable("instances are available as multipart/related; "
                             "type=\"application/dicom\" only")

@@ -78,7 +78,7 @@ async def retrieve_frames(request: Request, study: str, series: str, instance: s
     numbers = _frame_list(frame_list)
     archive = archive_of(request)
     inst = await _one(archive, study, series, instance)
-    wants = _frame_wants(accepted(request)) or [(OCTET, None, True)]
+    wants = _frame_wants(accepted(request))  # none: nothing acceptable, 406 below
     last: Exception | None = None
     for want, ts, multipart in wants:
         if not multipart and len(numbers) > 1:
@@ -124,7 +124,9 @@ async def retrieve_bulk(request: Request, study: str, series: str, instance: str
             media, part_ts, chunks = await run_in_threadpool(
                 _pixel_call, pixels.frames, path, list(range(1, count + 1)), "*/*")
         part_type = media + (f"; transfer-syntax={part_ts}" if part_ts else "")
-        parts: Iterator[tuple[dict[str, str], Any]] = (
+        # Uncompressed: the whole value in one part (PS3.18 8.7.3.3); compressed: a frame each.
+        parts: Iterator[tuple[dict[str, str], Any]] = iter(
+            [({"Content-Type": part_type}, chunks)]) if media == OCTET else (
             ({"Content-Type": part_type}, [c]) for c in chunks)
     else:
         with archive.blobs.local_path(inst.blob_key) as path:
@@ -200,18 +202,30 @@ async def _rendered(request: Request, study: str, series: str | None, instance: 
     archive = archive_of(request)
     found = [inst for inst, _ in await run_in_threadpool(archive.locate, study, series,
                                                           instance)]
-    if thumbnail and instance is None:
-        found = [found[len(found) // 2]]  # the middle image represents a series or study
+    single = len(found) == 1 or (thumbnail and instance is None)
+    if thumbnail and instance is None:  # the image nearest the middle represents them all
+        middle = len(found) // 2
+        found = [found[i] for i in sorted(range(len(found)), key=lambda i: abs(i - middle))]
     frames = _frame_list(frame_list) if frame_list else [None]
     jobs = [(inst, frame) for inst in found for frame in frames]
-    if len(jobs) == 1:
-        inst, frame = jobs[0]
-        body = await run_in_threadpool(_render_one, archive, inst, frame, media, params,
-                                       thumbnail)
-        return Response(body, media_type=media)
+    single = single and len(frames) == 1
+    # Render the first image before answering, so that a resource with nothing to render
+    # (reports, RT plans) gets a 4xx with the reason, not a 200 and a broken stream.
+    for n, (inst, frame) in enumerate(jobs):
+        try:
+            first = await run_in_threadpool(_render_one, archive, inst, frame, media, params,
+                                            thumbnail)
+            break
+        except (InvalidInput, NotAcceptable):
+            if n == len(jobs) - 1:
+                raise
+    if single:
+        return Response(first, media_type=media)
+    rest = jobs[n + 1:]
 
     def parts() -> Iterator[tuple[dict[str, str], list[bytes]]]:
-        for inst, frame in jobs:
+        yield {"Content-Type": media}, [first]
+        for inst, frame in rest:
             try:
                 yield {"Content-Type": media}, [_render_one(archive, inst, frame, media,
                                                             params, thumbnail)]
