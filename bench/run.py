@@ -280,6 +280,7 @@ def run_memory(
     rep: Report,
     versions: dict[str, str],
 ) -> None:
+    """One fresh server at a time, so neither competes with the other for CPU or RAM."""
     section = "Server memory (RSS of the process tree) around one big STOW-RS request"
     for name in names:
         try:
@@ -289,69 +290,44 @@ def run_memory(
             rep.error(section, name, f"start failed: {exc}")
             continue
         try:
-            time.sleep(3)
-            rep.add(
-                section,
-                "idle after start",
-                "MiB",
-                "lower",
-                name,
-                rss_kib(tree(srv.proc.pid)) / KIB_PER_MIB,
-            )
-            for mib, body in bodies:
-                res = workloads.big_stow(srv, body, mib, slots.take())
-                log(
-                    f"memory {name} {mib} MiB ({body.instances} inst): {res.seconds:.1f}s, RSS "
-                    f"{res.rss_before_kib / 1024:.0f} -> peak {res.peak_sampled_kib / 1024:.0f} "
-                    f"(HWM {res.peak_hwm_kib / 1024:.0f}) -> {res.rss_after_kib / 1024:.0f} MiB; "
-                    f"failed={res.failed} {res.error}"
-                )
-                note = f"{res.failed}/{body.instances} failed" if res.failed else ""
-                if res.error:
-                    rep.error(section, name, f"{mib} MiB request: {res.error}")
-                m = f"{mib} MiB request"
-                rep.add(
-                    section, f"{m}: RSS before", "MiB", "lower", name, res.rss_before_kib / 1024
-                )
-                rep.add(
-                    section,
-                    f"{m}: peak RSS (sampled every 10 ms)",
-                    "MiB",
-                    "lower",
-                    name,
-                    res.peak_sampled_kib / 1024,
-                    note,
-                )
-                rep.add(
-                    section,
-                    f"{m}: peak VmHWM",
-                    "MiB",
-                    "lower",
-                    name,
-                    res.peak_hwm_kib / 1024 if res.hwm_reset else None,
-                    "" if res.hwm_reset else "clear_refs not permitted",
-                )
-                rep.add(
-                    section,
-                    f"{m}: peak minus RSS before",
-                    "MiB",
-                    "lower",
-                    name,
-                    (res.peak_sampled_kib - res.rss_before_kib) / 1024,
-                )
-                rep.add(
-                    section, f"{m}: RSS 2 s after", "MiB", "lower", name, res.rss_after_kib / 1024
-                )
-                rep.add(
-                    section,
-                    f"{m}: ingest throughput",
-                    "MiB/s",
-                    "higher",
-                    name,
-                    res.body_bytes / datagen.MIB / res.seconds if not res.failed else None,
-                )
+            _memory_one(srv, bodies, slots, rep, section)
         finally:
             log(f"{name}: {srv.stop()}")
+
+
+def _memory_one(
+    srv: Server,
+    bodies: list[tuple[int, datagen.BigBody]],
+    slots: datagen.SlotAllocator,
+    rep: Report,
+    section: str,
+) -> None:
+    def add(metric: str, kib: float | None, note: str = "") -> None:
+        value = None if kib is None else kib / KIB_PER_MIB
+        rep.add(section, metric, "MiB", "lower", srv.name, value, note)
+
+    time.sleep(3)  # let start-up allocations settle
+    add("idle after start", rss_kib(tree(srv.proc.pid)))
+    for mib, body in bodies:
+        res = workloads.big_stow(srv, body, mib, slots.take())
+        log(
+            f"memory {srv.name} {mib} MiB ({body.instances} inst): {res.seconds:.1f}s, RSS "
+            f"{res.rss_before_kib / 1024:.0f} -> peak {res.peak_sampled_kib / 1024:.0f} "
+            f"(HWM {res.peak_hwm_kib / 1024:.0f}) -> {res.rss_after_kib / 1024:.0f} MiB; "
+            f"failed={res.failed} {res.error}"
+        )
+        if res.error:
+            rep.error(section, srv.name, f"{mib} MiB request: {res.error}")
+        m = f"{mib} MiB request"
+        failed = f"{res.failed}/{body.instances} failed" if res.failed else ""
+        add(f"{m}: RSS before", res.rss_before_kib)
+        add(f"{m}: peak RSS (sampled every 10 ms)", res.peak_sampled_kib, failed)
+        hwm_note = "" if res.hwm_reset else "clear_refs not permitted"
+        add(f"{m}: peak VmHWM", res.peak_hwm_kib if res.hwm_reset else None, hwm_note)
+        add(f"{m}: peak minus RSS before", res.peak_sampled_kib - res.rss_before_kib)
+        add(f"{m}: RSS 2 s after", res.rss_after_kib)
+        speed = None if res.failed else res.body_bytes / datagen.MIB / res.seconds
+        rep.add(section, f"{m}: ingest throughput", "MiB/s", "higher", srv.name, speed)
 
 
 def header(args: argparse.Namespace, versions: dict[str, str]) -> list[str]:

@@ -192,7 +192,7 @@ def test_healthz_needs_no_token(server: Server) -> None:
 # -- DELETE ---------------------------------------------------------------------------------
 def blob_path(server: Server, data: bytes) -> Path:
     digest = hashlib.sha256(data).hexdigest()
-    return server.data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+    return server.data_dir / "blobs" / digest[:2] / digest
 
 
 def test_delete_needs_an_administrator(server: Server, setup: Setup) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
@@ -29,6 +29,14 @@ from dicomshare.storage.base import Outcome
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture(autouse=True)
+def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
+    mode when a wrapped call fails, which leaks in from other test modules."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
 
 
 def make_file(folder: Path, base: str = "CT_small.dcm", *, study: str | None = None,
@@ -360,6 +368,33 @@ def test_concurrent_conflicting_objects_acknowledge_only_the_stored_one(
     [(inst, _)] = workers[0].locate(study)
     assert inst.sha256 == sha256(stored[0].read_bytes())
     assert blob_files(workers[0]) == {inst.blob_key}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_non_conformant_values_are_kept_in_metadata(archive: Archive, tmp_path: Path) -> None:
+    """A value longer than its VR allows (LO > 64) is stored, indexed and returned alike."""
+    long = "VERY LONG DESCRIPTION " * 4
+    study = generate_uid()
+    assert archive.store_file(make_file(tmp_path, study=study, StudyDescription=long)).ok
+    [found] = search(archive, Level.STUDY, StudyDescription=long.strip())
+    assert value(found, "0020000D") == study
+    assert value(found, "00081030") == long.strip()
+    [(_, meta)] = archive.locate(study, with_metadata=True)
+    assert long.strip() in (meta or "")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_concurrent_ingest_leaves_pydicom_settings_alone(archive: Archive,
+                                                         tmp_path: Path) -> None:
+    """Header parsing in parallel threads must not switch the process into pydicom's strict
+    mode (after which files with a non-conformant value fail with a raw ValueError)."""
+    study = generate_uid()
+    lenient = make_file(tmp_path / "lenient", study=study, StudyDescription="X" * 80)
+    for round_ in range(12):
+        paths = [make_file(tmp_path / f"r{round_}", study=study) for _ in range(16)]
+        assert all(r.ok for r in _race([archive], paths))
+        assert config.settings.reading_validation_mode == config.WARN, f"round {round_}"
+    assert archive.store_file(lenient).ok
 
 
 # -- migrations ----------------------------------------------------------------------------

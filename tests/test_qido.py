@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -46,6 +46,14 @@ STUDIES: dict[str, tuple[Any, ...]] = {
 N_SERIES = sum(len(s[5]) for s in STUDIES.values())
 N_INSTANCES = sum(n for s in STUDIES.values() for _, n in s[5])
 ALL = set(STUDIES)
+
+
+@pytest.fixture(autouse=True)
+def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
+    mode when a wrapped call fails, which leaks in from other test modules."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
 
 
 class DataSet:
@@ -99,7 +107,9 @@ class DataSet:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> DataSet:
-    return DataSet(tmp_path_factory.mktemp("qido-data"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config.settings, "writing_validation_mode", config.WARN)
+        return DataSet(tmp_path_factory.mktemp("qido-data"))
 
 
 @pytest.fixture(scope="module")

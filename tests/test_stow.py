@@ -135,7 +135,7 @@ def instance_count(server: Server) -> int:
 
 def blob_files(server: Server) -> set[Path]:
     root = server.data_dir / "blobs"
-    return {p for p in root.glob("??/??/*") if p.is_file()}
+    return {p for p in root.glob("??/*") if p.is_file()}
 
 
 def partial_uploads(server: Server) -> list[Path]:

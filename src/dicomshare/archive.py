@@ -101,24 +101,34 @@ class Archive:
 
         ``study_uid`` is set for STOW-RS ``POST /studies/{study}``: other studies are refused.
         """
+        temps = list(temps)
+        for temp in temps:  # the disk works on the fsyncs while the headers are parsed
+            self.blobs.start_sync(temp)  # type: ignore[arg-type]
         results: list[StoreResult] = []
-        pending: list[tuple[StoreResult, InstanceRecord]] = []
+        valid: list[tuple[StoreResult, Header, TempBlob]] = []
         for temp in temps:
             result = StoreResult()
             results.append(result)
             try:
-                temp.close()
                 header = read_header(temp.path, self.settings.bulkdata_threshold)
                 _describe(result, header)
                 if study_uid and header.study_uid != study_uid:
                     raise StudyMismatch(
                         f"instance belongs to study {header.study_uid}, not {study_uid}")
-                size, sha = temp.size, temp.sha256()
-                key = self.blobs.commit(temp)  # type: ignore[arg-type]
-                pending.append((result, InstanceRecord(header, key, size, sha)))
+                valid.append((result, header, temp))
             except DicomshareError as exc:
                 self.blobs.discard(temp)  # type: ignore[arg-type]
                 result.error = exc
+        pending: list[tuple[StoreResult, InstanceRecord]] = []
+        if valid:
+            try:
+                keys = self.blobs.commit_many([t for _, _, t in valid])  # type: ignore[misc]
+            except StorageFailure as exc:
+                for result, _, _ in valid:
+                    result.error = exc
+                return results
+            for (result, header, temp), key in zip(valid, keys, strict=True):
+                pending.append((result, InstanceRecord(header, key, temp.size, temp.sha256())))
         if pending:
             try:
                 outcomes = self._commits.add([rec for _, rec in pending])

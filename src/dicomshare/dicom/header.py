@@ -72,7 +72,7 @@ def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
         bulk = _take_bulk(ds, bulkdata_threshold, None if deflated else path.stat().st_size)
         # Touch every remaining element now, so truncation or corruption is found here.
         # Nested binary values above the threshold (rare: icon images) stay inline.
-        metadata = ds.to_json_dict(bulkdata_threshold, None, suppress_invalid_tags=True)
+        metadata = _json_elements(ds, bulkdata_threshold)
     except InvalidDicomError as exc:
         raise InvalidDicom(f"not a DICOM Part 10 file: {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
@@ -139,6 +139,22 @@ def _take_bulk(ds: Dataset, threshold: int, file_size: int | None) -> dict[int, 
             bulk[int(tag)] = vr
             del ds[tag]
     return bulk
+
+
+def _json_elements(ds: Dataset, threshold: int) -> dict[str, Any]:
+    """DICOM JSON of every top-level element whose value converts; the others are left out.
+
+    Not ``Dataset.to_json_dict(suppress_invalid_tags=True)``: that switches pydicom to strict
+    reading process-wide while it runs, which races with other threads (and can leave the
+    process strict), and it drops values that are merely non-conformant (LO > 64 chars).
+    """
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        try:
+            out[tag_hex(int(tag))] = ds[tag].to_json_dict(None, threshold)
+        except Exception:  # noqa: BLE001 - an unconvertible value is left out, as before
+            continue
+    return out
 
 
 def _subset(metadata: dict[str, Any], keep: Any) -> dict[str, Any]:

@@ -86,8 +86,10 @@ class BlobStore(Protocol):
     """Received bytes, stored unchanged under a content-derived key."""
 
     def new_temp(self) -> TempBlob: ...
-    def commit(self, temp: TempBlob) -> str:
-        """Make the bytes durable under their key (fsync + rename); return the key."""
+    def start_sync(self, temp: TempBlob) -> None:
+        """Writing is over: start making the bytes durable (may run in the background)."""
+    def commit_many(self, temps: list[TempBlob]) -> list[str]:
+        """Make the bytes durable under their keys (fsync + rename); return the keys."""
     def discard(self, temp: TempBlob) -> None: ...
     def open(self, key: str) -> BinaryIO: ...
     def local_path(self, key: str) -> AbstractContextManager[Path]:

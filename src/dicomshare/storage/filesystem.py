@@ -1,9 +1,11 @@
-"""Blobs in a folder, content-addressed by SHA-256: ``blobs/ab/cd/abcd...``.
+"""Blobs in a folder, content-addressed by SHA-256: ``blobs/ab/abcd...``.
 
 Crash safety comes from the order of operations: write to ``blobs/tmp/``, fsync, rename
 into place, fsync the folder. A crash leaves either nothing visible or a complete blob
 that the index may not know yet (``dicomshare check`` finds and repairs those).
-Keys are hex digests, so nothing a client sends ever becomes part of a path.
+Keys are hex digests, so nothing a client sends ever becomes part of a path. The 256
+fan-out folders are made (and made durable) once, when the store is opened, so storing
+a blob never creates a folder: one folder fsync per blob is then enough.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +34,7 @@ class FileTemp:
         self.size = 0
         self._hash = hashlib.sha256()
         self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed in close()
+        self._synced: Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         assert self._file is not None, "write after close"
@@ -47,11 +51,15 @@ class FileTemp:
             self._file.close()
             self._file = None
 
-    def sync_and_close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self.close()
+    def start_sync(self, pool: ThreadPoolExecutor | None) -> None:
+        """Close, and start the fsync in the background (``pool``) or not at all (None)."""
+        self.close()
+        if pool is not None and self._synced is None:
+            self._synced = pool.submit(_fsync_path, self.path)
+
+    def wait_synced(self) -> None:
+        if self._synced is not None:
+            self._synced.result()
 
 
 class FilesystemBlobStore:
@@ -60,33 +68,53 @@ class FilesystemBlobStore:
         self.tmp = root / "tmp"
         self.fsync = fsync
         self.tmp.mkdir(parents=True, exist_ok=True)
+        fanout = [root / f"{i:02x}" for i in range(256)]
+        if not all(d.is_dir() for d in fanout):
+            for d in fanout:
+                d.mkdir(exist_ok=True)
+            if fsync:
+                _fsync_dir(root)
+                _fsync_dir(root.parent)
 
     def _path(self, key: str) -> Path:
         if not _KEY.match(key):
             raise NotFound(f"no blob {key[:80]!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:2] / key
 
     def new_temp(self) -> FileTemp:
         return FileTemp(self.tmp / f"{uuid.uuid4().hex}.part")
 
+    def start_sync(self, temp: FileTemp) -> None:
+        """Let the fsync of a received blob run while its header is parsed."""
+        temp.start_sync(_POOL if self.fsync else None)
+
     def commit(self, temp: FileTemp) -> str:
+        return self.commit_many([temp])[0]
+
+    def commit_many(self, temps: list[FileTemp]) -> list[str]:
+        """Make blobs durable under their keys: fsync each (in parallel), rename it into
+        place, then fsync each folder once. Raises StorageFailure (and discards them all)."""
         try:
+            for temp in temps:
+                self.start_sync(temp)
+            for temp in temps:
+                temp.wait_synced()
+            keys, folders = [], set()
+            for temp in temps:
+                key = temp.sha256()
+                final = self._path(key)
+                if final.exists():  # identical bytes are already stored
+                    temp.path.unlink(missing_ok=True)
+                else:
+                    os.replace(temp.path, final)
+                    folders.add(final.parent)
+                keys.append(key)
             if self.fsync:
-                temp.sync_and_close()
-            else:
-                temp.close()
-            key = temp.sha256()
-            final = self._path(key)
-            if final.exists():
-                temp.path.unlink(missing_ok=True)
-                return key
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp.path, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
-            return key
+                list(_POOL.map(_fsync_dir, folders))
+            return keys
         except OSError as exc:
-            self.discard(temp)
+            for temp in temps:
+                self.discard(temp)
             raise StorageFailure(f"could not store blob: {exc.strerror or exc}") from exc
 
     def discard(self, temp: FileTemp) -> None:
@@ -110,7 +138,7 @@ class FilesystemBlobStore:
         self._path(key).unlink(missing_ok=True)
 
     def keys(self) -> Iterator[str]:
-        for path in self.root.glob("??/??/*"):
+        for path in self.root.glob("??/*"):
             if _KEY.match(path.name):
                 yield path.name
 
@@ -121,6 +149,17 @@ class FilesystemBlobStore:
         """
         cutoff = time.time() - min_age
         return sorted(p for p in self.tmp.glob("*.part") if p.stat().st_mtime < cutoff)
+
+
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
@@ -95,36 +95,35 @@ class SqlIndex:
     # -- ingest ----------------------------------------------------------------------------
     def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
         now = _now()
+        parents: dict[str, int] = {}  # study / series UID -> pk, within this transaction
         with self._write_lock(), self.engine.begin() as conn:
-            return [self._add_one(conn, rec, now) for rec in records]
+            return [self._add_one(conn, rec, now, parents) for rec in records]
 
-    def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime) -> Outcome:
+    def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime,
+                 parents: dict[str, int]) -> Outcome:
+        """Three statements on the common path (known study and series, new instance)."""
         h = rec.header
-        existing = conn.execute(
-            select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
-        ).scalar_one_or_none()
-        if existing is not None:
-            return Outcome.ALREADY_PRESENT if existing == rec.sha256 else Outcome.CONFLICT
         v = h.values
-        study_row = {_col(k): v.get(k) for k in _STUDY_VALUES}
-        study_row.update(study_instance_uid=h.study_uid, created_at=now, updated_at=now,
-                         attributes=_dumps(h.study_json))
-        conn.execute(self._insert_ignore(s.study, study_row, "study_instance_uid"))
-        study_pk = conn.execute(
-            select(s.study.c.pk).where(s.study.c.study_instance_uid == h.study_uid)
-        ).scalar_one()
-        series_row = {_col(k): v.get(k) for k in _SERIES_VALUES}
-        series_row.update(series_instance_uid=h.series_uid, study_pk=study_pk, created_at=now,
-                          attributes=_dumps(h.series_json))
-        conn.execute(self._insert_ignore(s.series, series_row, "series_instance_uid"))
-        series_pk, owner = conn.execute(
-            select(s.series.c.pk, s.series.c.study_pk)
-            .where(s.series.c.series_instance_uid == h.series_uid)
-        ).one()
-        if owner != study_pk:  # the series already belongs to another study
-            conn.execute(delete(s.study).where(  # drop the study row made for it, if empty
-                s.study.c.pk == study_pk, ~exists().where(s.series.c.study_pk == s.study.c.pk)))
-            return Outcome.CONFLICT
+        study_pk = parents.get(h.study_uid) or self._parent(
+            conn, s.study, "study_instance_uid", h.study_uid,
+            {**{_col(k): v.get(k) for k in _STUDY_VALUES}, "created_at": now,
+             "updated_at": now, "attributes": _dumps(h.study_json)})
+        parents[h.study_uid] = study_pk
+        series_pk = parents.get(h.series_uid)
+        if series_pk is None:
+            series_pk = self._parent(
+                conn, s.series, "series_instance_uid", h.series_uid,
+                {**{_col(k): v.get(k) for k in _SERIES_VALUES}, "study_pk": study_pk,
+                 "created_at": now, "attributes": _dumps(h.series_json)})
+            owner = conn.execute(select(s.series.c.study_pk)
+                                 .where(s.series.c.pk == series_pk)).scalar_one()
+            if owner != study_pk:  # the series already belongs to another study
+                conn.execute(delete(s.study).where(  # drop the study row made for it, if empty
+                    s.study.c.pk == study_pk,
+                    ~exists().where(s.series.c.study_pk == s.study.c.pk)))
+                parents.pop(h.study_uid, None)
+                return Outcome.CONFLICT
+            parents[h.series_uid] = series_pk
         inst_row = {_col(k): v.get(k) for k in _INSTANCE_VALUES}
         inst_row.update(sop_instance_uid=h.sop_uid, series_pk=series_pk,
                         sop_class_uid=h.sop_class_uid, transfer_syntax_uid=h.transfer_syntax_uid,
@@ -133,13 +132,22 @@ class SqlIndex:
         # rowcount is -1 for INSERT .. ON CONFLICT on psycopg: ask for the new row instead.
         inserted = conn.execute(self._insert_ignore(s.instance, inst_row, "sop_instance_uid")
                                 .returning(s.instance.c.pk)).first()
-        if inserted is None:  # a concurrent writer stored this UID first
+        if inserted is None:  # stored before (or by a concurrent writer)
             other = conn.execute(
                 select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
             ).scalar_one()
             return Outcome.ALREADY_PRESENT if other == rec.sha256 else Outcome.CONFLICT
-        conn.execute(update(s.study).where(s.study.c.pk == study_pk).values(updated_at=now))
         return Outcome.STORED
+
+    def _parent(self, conn: Connection, table: Any, key: str, uid: str,
+                row: dict[str, Any]) -> int:
+        """The pk of a study or series row, inserting it first when it is new."""
+        column = table.c[key]
+        pk = conn.execute(select(table.c.pk).where(column == uid)).scalar_one_or_none()
+        if pk is None:
+            conn.execute(self._insert_ignore(table, {**row, key: uid}, key))
+            pk = conn.execute(select(table.c.pk).where(column == uid)).scalar_one()
+        return int(pk)
 
     # -- search ----------------------------------------------------------------------------
     def search(self, query: Query, study_uid: str | None = None,
