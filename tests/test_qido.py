@@ -297,9 +297,6 @@ def test_series_and_instance_results_carry_required_attributes(loaded: Server,
     assert value(inst, "00080018").encode() in response.content
 
 
-@pytest.mark.xfail(strict=True, reason="PS3.18 10.6.3.3.2/3: /series and /instances must "
-                   "also return Study level attributes, /studies/{s}/instances the Series level "
-                   "ones; sql._results filters them out (only the level's defaults are kept)")
 def test_higher_level_attributes_in_series_and_instance_results(loaded: Server,
                                                                  data: DataSet) -> None:
     for path in ("/series", "/instances"):

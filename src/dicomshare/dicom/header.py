@@ -8,6 +8,7 @@ which the web layer later turns into full URLs (PS3.18 F.2.6).
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
 PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -60,7 +62,8 @@ class Header:
 def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
     """Parse and validate; raise InvalidDicom / MissingAttribute / InvalidUID with a reason."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        # catch_warnings swaps process-wide state: one thread at a time (reading is ~0.2 ms).
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, defer_size=bulkdata_threshold)
         for warning in caught:
@@ -69,7 +72,10 @@ def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
         file_meta = ds.file_meta
         # A deflated data set is inflated in memory: offsets are not file offsets then.
         deflated = str(getattr(file_meta, "TransferSyntaxUID", "")) == DEFLATED
-        bulk = _take_bulk(ds, bulkdata_threshold, None if deflated else path.stat().st_size)
+        size = None if deflated else path.stat().st_size
+        if size is not None:
+            _check_complete(ds, size)
+        bulk = _take_bulk(ds, bulkdata_threshold, size)
         # Touch every remaining element now, so truncation or corruption is found here.
         # Nested binary values above the threshold (rare: icon images) stay inline.
         metadata = _json_elements(ds, bulkdata_threshold)
@@ -109,6 +115,28 @@ def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
         series_json=_subset(metadata, lambda t: t in SERIES_EXTRA),
         has_pixels=PIXEL_DATA in bulk or tag_hex(PIXEL_DATA) in metadata,
     )
+
+
+def _check_complete(ds: Dataset, file_size: int) -> None:
+    """The last top-level element must end exactly where the file ends.
+
+    pydicom stops quietly when a file is cut inside an element's header or value; a
+    defined-length last element tells where the data set really ends.
+    """
+    if not len(ds):
+        return
+    tag = max(ds.keys())  # elements are stored in tag order
+    raw = ds.get_item(tag, keep_deferred=True)
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    last = (tell, length, int(tag))
+    if tell is None or length is None or length == UNDEFINED:
+        return  # a parsed sequence, or undefined length: pydicom warns on a lost delimiter
+    end = tell + length
+    if end != file_size:
+        what = "needs" if end > file_size else "ends at"
+        raise InvalidDicom(
+            f"truncated DICOM file: the data set {what} {end} bytes (after "
+            f"{keyword(last[2])}), the file has {file_size}")
 
 
 def _take_bulk(ds: Dataset, threshold: int, file_size: int | None) -> dict[int, str]:

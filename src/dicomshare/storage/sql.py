@@ -222,31 +222,36 @@ class SqlIndex:
 
     def _results(self, conn: Connection, query: Query, rows: list[Any],
                  study_uid: str | None, series_uid: str | None) -> list[dict[str, Any]]:
+        """PS3.18 10.6.3.3: each level's attributes, plus those of the levels above that
+        are not fixed by the URL (e.g. PatientName in ``/series`` results)."""
         level = query.level
-        wanted = _wanted_tags(query)
+        defaults = list(DEFAULT_RETURN[level])
+        with_study = level is Level.STUDY or not study_uid
+        with_series = level is Level.SERIES or (level is Level.IMAGE and not series_uid)
+        if with_study and level is not Level.STUDY:
+            defaults += DEFAULT_RETURN[Level.STUDY]
+        if with_series and level is Level.IMAGE:
+            defaults += DEFAULT_RETURN[Level.SERIES]
+        defaults = list(dict.fromkeys(defaults))
+        wanted = _wanted_tags(query, defaults)
+        stats = self._study_stats(conn, [r["study_pk"] for r in rows]) if with_study else {}
+        counts = self._series_counts(conn, [r["series_pk"] for r in rows]) \
+            if with_series else {}
         out = []
-        if level is Level.STUDY:
-            stats = self._study_stats(conn, [r["study_pk"] for r in rows])
-            for r in rows:
-                ds = json.loads(r["study_json"])
+        for r in rows:
+            ds = json.loads(r["study_json"]) if with_study else {}
+            ds["0020000D"] = _uid(r["study_instance_uid"])
+            if with_study:
                 ds.update(stats.get(r["study_pk"], _empty_study_stats()))
-                out.append(_shape(ds, wanted, query.include_all, level))
-        else:
-            counts: dict[int, int] = {}
-            if level is Level.SERIES:
-                counts = self._series_counts(conn, [r["series_pk"] for r in rows])
-            for r in rows:
-                ds = json.loads(r["study_json"]) if not study_uid else {}
-                ds["0020000D"] = _uid(r["study_instance_uid"])
-                if level is Level.SERIES or not series_uid:
+            if level is not Level.STUDY:
+                if with_series:
                     ds.update(json.loads(r["series_json"]))
-                ds["0020000E"] = _uid(r["series_instance_uid"])
-                if level is Level.SERIES:
                     ds["00201209"] = {"vr": "IS", "Value": [counts.get(r["series_pk"], 0)]}
-                else:
-                    inst = json.loads(r["instance_json"])
-                    ds.update({k: v for k, v in inst.items() if "BulkDataURI" not in v})
-                out.append(_shape(ds, wanted, query.include_all, level))
+                ds["0020000E"] = _uid(r["series_instance_uid"])
+            if level is Level.IMAGE:
+                inst = json.loads(r["instance_json"])
+                ds.update({k: v for k, v in inst.items() if "BulkDataURI" not in v})
+            out.append(_shape(ds, wanted, query.include_all, defaults))
         return out
 
     def _study_stats(self, conn: Connection, pks: list[int]) -> dict[int, dict[str, Any]]:
@@ -383,21 +388,21 @@ def _row_json(level: Level, row: Any) -> dict[str, Any]:
     return ds
 
 
-def _wanted_tags(query: Query) -> set[str]:
-    tags = {tag_hex(parse_tag(k)) for k in DEFAULT_RETURN[query.level]}
+def _wanted_tags(query: Query, defaults: list[str]) -> set[str]:
+    tags = {tag_hex(parse_tag(k)) for k in defaults}
     tags |= {tag_hex(t) for t in query.include}
     tags |= {tag_hex(c.path[0]) for c in query.conditions}
     return tags
 
 
 def _shape(ds: dict[str, Any], wanted: set[str], include_all: bool,
-           level: Level) -> dict[str, Any]:
+           defaults: list[str]) -> dict[str, Any]:
     """Keep what the client asked for; required attributes appear even when empty."""
     ds["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
     if include_all:
         return dict(sorted(ds.items()))
     out = {k: v for k, v in ds.items() if k in wanted}
-    for key in DEFAULT_RETURN[level]:
+    for key in defaults:
         tag = tag_hex(parse_tag(key))
         if tag not in out and key not in ("RetrieveURL", "RequestAttributesSequence",
                                           "TimezoneOffsetFromUTC", "SpecificCharacterSet",
