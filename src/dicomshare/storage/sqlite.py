@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event
@@ -32,12 +35,31 @@ def configure(engine: Engine, durable: bool) -> None:
 
 
 class SqliteIndex(SqlIndex):
-    # SQLite allows one writer; taking the lock here avoids busy retries between threads.
-    # Other processes (an import beside the server) wait on busy_timeout instead.
+    """SQLite allows one writer. Writers queue on a lock instead of SQLite's busy handler,
+    which polls with sleeps of up to 100 ms: a thread lock within the process and an
+    ``flock`` on ``<database>.writelock`` between processes (worker processes, an
+    import beside the server), both of which wake the next writer at once."""
+
     _lock = threading.Lock()
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        database = engine.url.database
+        self._lock_path = f"{database}.writelock" if database and database != ":memory:" \
+            else None
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        with self._lock:
+            if self._lock_path is None:
+                yield
+                return
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
 
     def _insert_ignore(self, table: Any, values: dict[str, Any], key: str) -> Insert:
         return insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
-
-    def _write_lock(self) -> AbstractContextManager[Any]:
-        return self._lock
