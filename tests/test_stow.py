@@ -479,3 +479,23 @@ def test_concurrent_stores_into_one_study(server: Server) -> None:
         (found,) = qido(server, f"/studies/{study}/series", SeriesInstanceUID=uid)
         assert value(found, "00201209") == threads * per_thread // len(series)
     assert len(qido(server, f"/studies/{study}/instances")) == threads * per_thread
+
+
+def test_large_request_stores_in_batches_and_reports_a_broken_tail(server: Server) -> None:
+    """A long upload that breaks late keeps (and reports) the complete batches before it."""
+    from dicomshare.web.dicomweb import STORE_BATCH
+
+    study, series = generate_uid(), generate_uid()
+    parts = [make_instance(study, series) for _ in range(STORE_BATCH + 5)]
+    whole = multipart(parts)
+    cut = whole[: len(whole) - len(parts[-1]) // 2]  # ends inside the last part
+    response = stow(server, [], body=cut)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert len(references(body)) == STORE_BATCH
+    assert "malformed multipart body" in failures(body)[-1]["00000902"]["Value"][0]
+    assert study_summary(server, study) == (1, STORE_BATCH, {"CT"})
+    complete = stow(server, parts)  # sending it again completes the study
+    assert complete.status_code == 200, complete.text
+    assert study_summary(server, study) == (1, STORE_BATCH + 5, {"CT"})
+    assert_archive_clean(server)

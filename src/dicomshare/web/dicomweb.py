@@ -7,6 +7,7 @@ call :class:`~dicomshare.archive.Archive`, shape the answer. Pixel-level resourc
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,7 @@ DICOM_JSON = "application/dicom+json"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 MAX_PARTS = 100_000
+STORE_BATCH = 32  # parts per index transaction within one STOW request
 
 
 def archive_of(request: Request) -> Archive:
@@ -134,8 +136,16 @@ async def _stow(request: Request, study: str | None) -> Response:
             "send Part 10 files, not metadata and bulk data")
     if "boundary" not in params:
         raise InvalidInput("multipart Content-Type has no boundary parameter")
-    temps = []
+    # Parts are stored in batches while the next ones arrive: memory stays bounded by the
+    # batch, not the request, and the disk works while the network does.
+    batch: list[Any] = []
+    results: list[StoreResult] = []
+    storing: asyncio.Future[list[StoreResult]] | None = None
     refused: list[tuple[int, StoreResult]] = []
+
+    async def stored() -> list[StoreResult]:
+        return await storing if storing is not None else []
+
     try:
         reader = MultipartReader(request.stream(), params["boundary"])
         async for part in reader:
@@ -147,19 +157,34 @@ async def _stow(request: Request, study: str | None) -> Response:
                     f"part {part.index} has media type {part_type}, not application/dicom"))))
                 continue
             temp = archive.new_temp()
-            temps.append(temp)
+            batch.append(temp)
             async for chunk in part:
                 temp.write(chunk)
+            if len(batch) >= STORE_BATCH:
+                results += await stored()
+                storing = asyncio.ensure_future(
+                    run_in_threadpool(archive.store_received, batch, study))
+                batch = []
     except (MultipartError, InvalidInput) as exc:
-        for temp in temps:
-            archive.blobs.discard(temp)  # type: ignore[arg-type]
+        for temp in batch:
+            archive.blobs.discard(temp)
+        results += await stored()
         reason = exc.reason if isinstance(exc, InvalidInput) else str(exc)
-        raise InvalidInput(f"malformed multipart body: {reason}") from None
+        if not any(r.ok for r in results):
+            raise InvalidInput(f"malformed multipart body: {reason}") from None
+        # Complete parts before the break were stored: say so (202), and what went wrong.
+        results.append(StoreResult(error=InvalidInput(
+            f"malformed multipart body after part {len(results)}: {reason}")))
+        return _stow_response(root_url(request), study, results)
     except BaseException:
-        for temp in temps:
-            archive.blobs.discard(temp)  # type: ignore[arg-type]
+        for temp in batch:
+            archive.blobs.discard(temp)
+        if storing is not None:
+            await asyncio.shield(storing)
         raise
-    results = await run_in_threadpool(archive.store_received, temps, study)
+    results += await stored()
+    if batch:
+        results += await run_in_threadpool(archive.store_received, batch, study)
     for index, result in refused:
         results.insert(index - 1, result)
     return _stow_response(root_url(request), study, results)
