@@ -9,6 +9,7 @@ reason, and a ``Warning`` header (PS3.18 8.6.3), never a bare 500.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,9 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
 
 
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
+    # The event loop shares the GIL with ingest threads parsing headers; a shorter switch
+    # interval (default 5 ms) lets it answer the network sooner.
+    sys.setswitchinterval(0.0005)
     archive = archive or Archive.open(settings)
     identities = Identities(archive.index.engine)
     app = FastAPI(title="dicomshare", version=__version__,
