@@ -469,3 +469,31 @@ def test_older_schema_is_upgraded(tmp_path: Path, database_url: str) -> None:
         assert arc.index.counts()["instances"] == 2
     finally:
         arc.close()
+
+
+def test_upgrade_lowercases_existing_person_names(tmp_path: Path, database_url: str) -> None:
+    """Migration 0002 fills the lower-cased name columns of studies stored before it."""
+    from alembic import command
+    from alembic.config import Config
+
+    from dicomshare.storage import MIGRATIONS, make_engine
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text(
+            "INSERT INTO study (study_instance_uid, patient_name, attributes, created_at, "
+            "updated_at) VALUES ('1.2.3.4', 'MÜLLER^JÜRGEN', '{}', CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    arc = Archive.open(load_settings({"data_dir": tmp_path / "data",
+                                      "database_url": database_url}))
+    try:
+        for value in ("müller*", "MÜLLER^JÜRGEN", "*jürgen"):
+            found = arc.search(parse_qido(Level.STUDY, [("PatientName", value)]))
+            assert [d["0020000D"]["Value"][0] for d in found] == ["1.2.3.4"], value
+    finally:
+        arc.close()

@@ -31,6 +31,7 @@ from dicomshare.dicom.attributes import (
     tag_hex,
     vr_of,
 )
+from dicomshare.dicom.json import dataset_to_json
 from dicomshare.errors import InvalidDicom, InvalidUID, MissingAttribute
 
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
@@ -78,7 +79,7 @@ def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
         bulk = _take_bulk(ds, bulkdata_threshold, size)
         # Touch every remaining element now, so truncation or corruption is found here.
         # Nested binary values above the threshold (rare: icon images) stay inline.
-        metadata = _json_elements(ds, bulkdata_threshold)
+        metadata = dataset_to_json(ds, bulkdata_threshold)
     except InvalidDicomError as exc:
         raise InvalidDicom(f"not a DICOM Part 10 file: {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,

@@ -29,6 +29,8 @@ study = Table(
     Column("pk", Integer, primary_key=True),
     Column("study_instance_uid", String(64), nullable=False, unique=True),
     Column("patient_name", Text),
+    # Lower-cased copies: case-insensitive PN matching that can use an index.
+    Column("patient_name_lc", Text),
     Column("patient_id", Text),
     Column("issuer_of_patient_id", Text),
     Column("patient_birth_date", Text),
@@ -37,12 +39,15 @@ study = Table(
     Column("study_time", Text),
     Column("accession_number", Text),
     Column("referring_physician_name", Text),
+    Column("referring_physician_name_lc", Text),
     Column("study_description", Text),
     Column("study_id", Text),
     Column("attributes", Text, nullable=False),  # DICOM JSON: patient + study modules
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_study_patient_id", "patient_id"),
+    Index("ix_study_patient_name_lc", "patient_name_lc",
+          postgresql_ops={"patient_name_lc": "text_pattern_ops"}),
     Index("ix_study_date", "study_date"),
     Index("ix_study_accession", "accession_number"),
 )

@@ -31,7 +31,7 @@ from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance
 # keyword -> (level, column)
 COLUMNS = {
     "StudyInstanceUID": (Level.STUDY, s.study.c.study_instance_uid),
-    "PatientName": (Level.STUDY, s.study.c.patient_name),
+    "PatientName": (Level.STUDY, s.study.c.patient_name_lc),
     "PatientID": (Level.STUDY, s.study.c.patient_id),
     "IssuerOfPatientID": (Level.STUDY, s.study.c.issuer_of_patient_id),
     "PatientBirthDate": (Level.STUDY, s.study.c.patient_birth_date),
@@ -39,7 +39,7 @@ COLUMNS = {
     "StudyDate": (Level.STUDY, s.study.c.study_date),
     "StudyTime": (Level.STUDY, s.study.c.study_time),
     "AccessionNumber": (Level.STUDY, s.study.c.accession_number),
-    "ReferringPhysicianName": (Level.STUDY, s.study.c.referring_physician_name),
+    "ReferringPhysicianName": (Level.STUDY, s.study.c.referring_physician_name_lc),
     "StudyDescription": (Level.STUDY, s.study.c.study_description),
     "StudyID": (Level.STUDY, s.study.c.study_id),
     "SeriesInstanceUID": (Level.SERIES, s.series.c.series_instance_uid),
@@ -107,7 +107,11 @@ class SqlIndex:
         study_pk = parents.get(h.study_uid) or self._parent(
             conn, s.study, "study_instance_uid", h.study_uid,
             {**{_col(k): v.get(k) for k in _STUDY_VALUES}, "created_at": now,
-             "updated_at": now, "attributes": _dumps(h.study_json)})
+             "updated_at": now, "attributes": _dumps(h.study_json),
+             "patient_name": v.get("PatientName"),
+             "referring_physician_name": v.get("ReferringPhysicianName"),
+             "patient_name_lc": _lower(v.get("PatientName")),
+             "referring_physician_name_lc": _lower(v.get("ReferringPhysicianName"))})
         parents[h.study_uid] = study_pk
         series_pk = parents.get(h.series_uid)
         if series_pk is None:
@@ -367,6 +371,10 @@ def _col(keyword: str) -> str:
     return COLUMNS[keyword][1].name
 
 
+def _lower(value: str | None) -> str | None:
+    return value.lower() if value else value
+
+
 def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -425,7 +433,9 @@ def _clause(cond: Condition, column: Any, fuzzy: bool) -> ColumnElement[bool]:
             parts.append(func.substr(column, 1, len(high)) <= high)
         return and_(*parts)
     ci = cond.vr == "PN"
-    target = func.lower(column) if ci else column
+    # PN columns used for matching hold lower-cased values (see schema.py).
+    target = column if ci and column.name.endswith("_lc") else \
+        func.lower(column) if ci else column
     if cond.kind is Kind.WILDCARD:
         pattern = (cond.value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                    .replace("*", "%").replace("?", "_"))
