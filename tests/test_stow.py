@@ -493,9 +493,32 @@ def test_large_request_stores_in_batches_and_reports_a_broken_tail(server: Serve
     assert response.status_code == 202, response.text
     body = response.json()
     assert len(references(body)) == STORE_BATCH
-    assert "malformed multipart body" in failures(body)[-1]["00000902"]["Value"][0]
+    assert "malformed multipart" in failures(body)[-1]["00000902"]["Value"][0]
     assert study_summary(server, study) == (1, STORE_BATCH, {"CT"})
     complete = stow(server, parts)  # sending it again completes the study
     assert complete.status_code == 200, complete.text
     assert study_summary(server, study) == (1, STORE_BATCH + 5, {"CT"})
     assert_archive_clean(server)
+
+
+def test_request_above_the_size_limit_is_refused(tmp_path: Path) -> None:
+    from conftest import make_server
+
+    limited = make_server(tmp_path, env={"DICOMSHARE_MAX_STOW_BYTES": "100000"})
+    try:
+        study = generate_uid()
+        small = stow(limited, [make_instance(study)])
+        assert small.status_code == 200, small.text
+        parts = [make_instance(study) for _ in range(4)]  # about 160 kB
+        declared = stow(limited, parts)
+        assert declared.status_code == 413 and "limit" in declared.json()["error"]
+        body = multipart(parts)
+        chunked = limited.session().post(
+            limited.dicomweb + "/studies", data=(body[i:i + 8192] for i in range(0, len(body),
+                                                                                 8192)),
+            headers={"Content-Type": f"{DICOM_TYPE}; boundary={BOUNDARY}"}, timeout=60)
+        assert chunked.status_code == 413, chunked.text
+        assert study_summary(limited, study) == (1, 1, {"CT"})
+        assert_archive_clean(limited)
+    finally:
+        limited.stop()

@@ -16,6 +16,7 @@ DICOMweb, a DIMSE status for the network service, an exit code for the CLI.
     ├── Conflict                    409  contradicts what is stored
     │   ├── DuplicateConflict       409  same SOP Instance UID, different bytes (0x0111)
     │   └── StudyMismatch           409  instance is not in the study named by the URL (0xA900)
+    ├── PayloadTooLarge             413  request body above the configured limit
     ├── UnsupportedMediaType        415  request body media type not supported
     └── StorageFailure              503  the archive could not make the object durable (0xA700)
 """
@@ -82,6 +83,11 @@ class DuplicateConflict(Conflict):
 
 class StudyMismatch(Conflict):
     failure_reason = 0xA900
+
+
+class PayloadTooLarge(DicomshareError):
+    http_status = 413
+    failure_reason = 0xA700
 
 
 class UnsupportedMediaType(DicomshareError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,6 +26,7 @@ from dicomshare.errors import (
     InvalidInput,
     InvalidQuery,
     NotAcceptable,
+    PayloadTooLarge,
     UnsupportedMediaType,
 )
 from dicomshare.storage.base import StoredInstance
@@ -136,6 +137,10 @@ async def _stow(request: Request, study: str | None) -> Response:
             "send Part 10 files, not metadata and bulk data")
     if "boundary" not in params:
         raise InvalidInput("multipart Content-Type has no boundary parameter")
+    limit = request.app.state.settings.max_stow_bytes
+    declared = request.headers.get("content-length", "")
+    if limit and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is above the limit of {limit}")
     # Parts are stored in batches while the next ones arrive: memory stays bounded by the
     # batch, not the request, and the disk works while the network does.
     batch: list[Any] = []
@@ -147,7 +152,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         return await storing if storing is not None else []
 
     try:
-        reader = MultipartReader(request.stream(), params["boundary"])
+        reader = MultipartReader(_limited(request, limit), params["boundary"])
         async for part in reader:
             if reader.parts_read > MAX_PARTS:
                 raise InvalidInput(f"more than {MAX_PARTS} parts in one request")
@@ -165,18 +170,20 @@ async def _stow(request: Request, study: str | None) -> Response:
                 storing = asyncio.ensure_future(
                     run_in_threadpool(archive.store_received, batch, study))
                 batch = []
-    except (MultipartError, InvalidInput) as exc:
+    except (MultipartError, InvalidInput, PayloadTooLarge) as exc:
         for temp in batch:
             archive.blobs.discard(temp)
         results += await stored()
-        reason = exc.reason if isinstance(exc, InvalidInput) else str(exc)
+        error = exc if isinstance(exc, PayloadTooLarge) else InvalidInput(
+            "malformed multipart body: " + (exc.reason if isinstance(exc, InvalidInput)
+                                            else str(exc)))
         if not any(r.ok for r in results):
-            raise InvalidInput(f"malformed multipart body: {reason}") from None
+            raise error from None
         # Complete parts before the break were stored: say so (202), and what went wrong.
-        results.append(StoreResult(error=InvalidInput(
-            f"malformed multipart body after part {len(results)}: {reason}")))
+        error.reason = f"after part {len(results)}: {error.reason}"
+        results.append(StoreResult(error=error))
         return _stow_response(root_url(request), study, results)
-    except BaseException:
+    except BaseException:  # PayloadTooLarge, a client gone away, cancellation
         for temp in batch:
             archive.blobs.discard(temp)
         if storing is not None:
@@ -188,6 +195,16 @@ async def _stow(request: Request, study: str | None) -> Response:
     for index, result in refused:
         results.insert(index - 1, result)
     return _stow_response(root_url(request), study, results)
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body, cut off with 413 once it passes ``limit`` bytes (0: no limit)."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if limit and seen > limit:
+            raise PayloadTooLarge(f"request body is above the limit of {limit} bytes")
+        yield chunk
 
 
 def _stow_response(root: str, study: str | None, results: list[StoreResult]) -> Response:
