@@ -16,7 +16,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
 from dicomshare.errors import Conflict, InvalidInput, NotFound
@@ -65,6 +65,16 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+# Built once: every request runs it.
+_BY_DIGEST = (
+    select(s.token.c.pk, s.token.c.expires_at, s.token.c.revoked_at,
+           s.user.c.name, s.user.c.role, s.organisation.c.name)
+    .join(s.user, s.token.c.user_pk == s.user.c.pk)
+    .join(s.organisation, s.user.c.organisation_pk == s.organisation.c.pk)
+    .where(s.token.c.secret_hash == bindparam("digest"))
+)
 
 
 class Identities:
@@ -160,12 +170,7 @@ class Identities:
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 100:
             return None
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(s.token.c.pk, s.token.c.expires_at, s.token.c.revoked_at,
-                       s.user.c.name, s.user.c.role, s.organisation.c.name)
-                .join(s.user, s.token.c.user_pk == s.user.c.pk)
-                .join(s.organisation, s.user.c.organisation_pk == s.organisation.c.pk)
-                .where(s.token.c.secret_hash == _digest(secret))).first()
+            row = conn.execute(_BY_DIGEST, {"digest": _digest(secret)}).first()
         if row is None or row.revoked_at is not None:
             return None
         expires = _aware(row.expires_at)

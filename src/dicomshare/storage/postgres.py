@@ -11,5 +11,5 @@ from dicomshare.storage.sql import SqlIndex
 
 
 class PostgresIndex(SqlIndex):
-    def _insert_ignore(self, table: Any, values: dict[str, Any], key: str) -> Insert:
-        return insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    def _insert_ignore(self, table: Any, key: str) -> Insert:
+        return insert(table).on_conflict_do_nothing(index_elements=[key])

@@ -18,7 +18,17 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
@@ -84,9 +94,22 @@ class SqlIndex:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Ingest statements are built once and executed with parameters.
+        self._insert_study = self._insert_ignore(s.study, "study_instance_uid")
+        self._insert_series = self._insert_ignore(s.series, "series_instance_uid")
+        self._insert_instance = self._insert_ignore(s.instance, "sop_instance_uid") \
+            .returning(s.instance.c.pk)
+        self._study_pk = select(s.study.c.pk).where(
+            s.study.c.study_instance_uid == bindparam("uid"))
+        self._series_pk = select(s.series.c.pk).where(
+            s.series.c.series_instance_uid == bindparam("uid"))
+        self._series_owner = select(s.series.c.study_pk).where(s.series.c.pk == bindparam("pk"))
+        self._instance_sha = select(s.instance.c.sha256).where(
+            s.instance.c.sop_instance_uid == bindparam("uid"))
 
     # -- dialect hooks -------------------------------------------------------------------
-    def _insert_ignore(self, table: Any, values: dict[str, Any], key: str) -> Insert:
+    def _insert_ignore(self, table: Any, key: str) -> Insert:
+        """INSERT that does nothing when a row with the same ``key`` exists."""
         raise NotImplementedError
 
     def _write_lock(self) -> AbstractContextManager[Any]:
@@ -105,8 +128,9 @@ class SqlIndex:
         h = rec.header
         v = h.values
         study_pk = parents.get(h.study_uid) or self._parent(
-            conn, s.study, "study_instance_uid", h.study_uid,
+            conn, self._study_pk, self._insert_study, h.study_uid,
             {**{_col(k): v.get(k) for k in _STUDY_VALUES}, "created_at": now,
+             "study_instance_uid": h.study_uid,
              "updated_at": now, "attributes": _dumps(h.study_json),
              "patient_name": v.get("PatientName"),
              "referring_physician_name": v.get("ReferringPhysicianName"),
@@ -116,11 +140,11 @@ class SqlIndex:
         series_pk = parents.get(h.series_uid)
         if series_pk is None:
             series_pk = self._parent(
-                conn, s.series, "series_instance_uid", h.series_uid,
+                conn, self._series_pk, self._insert_series, h.series_uid,
                 {**{_col(k): v.get(k) for k in _SERIES_VALUES}, "study_pk": study_pk,
+                 "series_instance_uid": h.series_uid,
                  "created_at": now, "attributes": _dumps(h.series_json)})
-            owner = conn.execute(select(s.series.c.study_pk)
-                                 .where(s.series.c.pk == series_pk)).scalar_one()
+            owner = conn.execute(self._series_owner, {"pk": series_pk}).scalar_one()
             if owner != study_pk:  # the series already belongs to another study
                 conn.execute(delete(s.study).where(  # drop the study row made for it, if empty
                     s.study.c.pk == study_pk,
@@ -134,23 +158,19 @@ class SqlIndex:
                         blob_key=rec.blob_key, size=rec.size, sha256=rec.sha256,
                         metadata=h.metadata_text(), created_at=now)
         # rowcount is -1 for INSERT .. ON CONFLICT on psycopg: ask for the new row instead.
-        inserted = conn.execute(self._insert_ignore(s.instance, inst_row, "sop_instance_uid")
-                                .returning(s.instance.c.pk)).first()
+        inserted = conn.execute(self._insert_instance, inst_row).first()
         if inserted is None:  # stored before (or by a concurrent writer)
-            other = conn.execute(
-                select(s.instance.c.sha256).where(s.instance.c.sop_instance_uid == h.sop_uid)
-            ).scalar_one()
+            other = conn.execute(self._instance_sha, {"uid": h.sop_uid}).scalar_one()
             return Outcome.ALREADY_PRESENT if other == rec.sha256 else Outcome.CONFLICT
         return Outcome.STORED
 
-    def _parent(self, conn: Connection, table: Any, key: str, uid: str,
+    def _parent(self, conn: Connection, find: Any, insert: Insert, uid: str,
                 row: dict[str, Any]) -> int:
         """The pk of a study or series row, inserting it first when it is new."""
-        column = table.c[key]
-        pk = conn.execute(select(table.c.pk).where(column == uid)).scalar_one_or_none()
+        pk = conn.execute(find, {"uid": uid}).scalar_one_or_none()
         if pk is None:
-            conn.execute(self._insert_ignore(table, {**row, key: uid}, key))
-            pk = conn.execute(select(table.c.pk).where(column == uid)).scalar_one()
+            conn.execute(insert, row)
+            pk = conn.execute(find, {"uid": uid}).scalar_one()
         return int(pk)
 
     # -- search ----------------------------------------------------------------------------

@@ -61,5 +61,5 @@ class SqliteIndex(SqlIndex):
             finally:
                 os.close(fd)  # closing releases the flock
 
-    def _insert_ignore(self, table: Any, values: dict[str, Any], key: str) -> Insert:
-        return insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    def _insert_ignore(self, table: Any, key: str) -> Insert:
+        return insert(table).on_conflict_do_nothing(index_elements=[key])
