@@ -26,6 +26,56 @@ DICOMSHARE = [sys.executable, "-m", "dicomshare.cli"]
 POSTGRES_URL = os.environ.get("DICOMSHARE_TEST_POSTGRES_URL", "")
 
 
+@pytest.fixture(autouse=True)
+def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin pydicom's default WARN validation for every test. Archives serve what they
+    stored, and some sample files carry invalid values; dicomweb-client leaves pydicom in
+    RAISE mode when a call it wraps fails, which would otherwise leak between tests."""
+    from pydicom import config
+
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
+
+
+def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    """(part headers with lower-cased names, body) of each part of a multipart response."""
+    from email.message import Message
+
+    msg = Message()
+    msg["content-type"] = response.headers["content-type"]
+    assert msg.get_content_type() == "multipart/related", response.headers["content-type"]
+    boundary = msg.get_param("boundary")
+    assert isinstance(boundary, str)
+    chunks = (b"\r\n" + response.content).split(b"\r\n--" + boundary.encode())
+    assert chunks[0] == b"", "unexpected preamble"
+    assert chunks[-1].startswith(b"--"), "no closing delimiter"
+    parts = []
+    for chunk in chunks[1:-1]:
+        head, sep, body = chunk.partition(b"\r\n\r\n")
+        assert sep, "part without a header/body separator"
+        lines = head.decode().split("\r\n")[1:]
+        parts.append(({k.lower(): v for k, v in (ln.split(": ", 1) for ln in lines)}, body))
+    return parts
+
+
+def testdata(name: str) -> str:
+    """Path of a pydicom or pydicom-data sample file; skips when it is not installed."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pydicom-data)")
+    return str(path)
+
+
+def read_full(path: str) -> pydicom.Dataset:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pydicom
 import pytest
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -33,14 +33,6 @@ from dicomshare.errors import DicomshareError
 
 SUMMARY = re.compile(r"^stored: (\d+)  already present: (\d+)  rejected: (\d+)$", re.M)
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(autouse=True)
-def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
-    mode when a wrapped call fails, which leaks in from other test modules."""
-    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
-    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
 
 
 def make_file(folder: Path, base: str = "CT_small.dcm", **attrs: Any) -> Path:

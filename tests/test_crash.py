@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -21,14 +21,6 @@ from conftest import Server, make_server
 pytestmark = pytest.mark.slow
 BOUNDARY = "crash-test-boundary-5f1c9e"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-
-
-@pytest.fixture(autouse=True)
-def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
-    mode when a wrapped call fails, which leaks in from other test modules."""
-    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
-    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
 
 
 class Ingest(threading.Thread):

@@ -31,14 +31,6 @@ CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 
 
-@pytest.fixture(autouse=True)
-def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
-    mode when a wrapped call fails, which leaks in from other test modules."""
-    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
-    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
-
-
 def make_file(folder: Path, base: str = "CT_small.dcm", *, study: str | None = None,
               series: str | None = None, sop: str | None = None, **attrs: Any) -> Path:
     """A copy of a pydicom test file with new (or given) UIDs and some attributes set."""

@@ -48,14 +48,6 @@ N_INSTANCES = sum(n for s in STUDIES.values() for _, n in s[5])
 ALL = set(STUDIES)
 
 
-@pytest.fixture(autouse=True)
-def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pin pydicom's default WARN mode: dicomweb-client's file helpers leave it in RAISE
-    mode when a wrapped call fails, which leaks in from other test modules."""
-    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
-    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
-
-
 class DataSet:
     """The generated files and the UIDs behind each study key."""
 

@@ -5,42 +5,18 @@ from __future__ import annotations
 
 import io
 import tracemalloc
-import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom import config, dcmread
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, pixel_array
 
+from conftest import read_full as full
+from conftest import testdata as data
 from dicomshare.dicom.pixels import NotAcceptable, PixelError
 from dicomshare.dicom.render import render, thumbnail
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Archives serve what they stored; some sample files have invalid values. Pin the
-    default WARN mode: dicomweb-client leaves pydicom in RAISE mode when a call it wraps
-    fails, which would leak in from other test modules."""
-    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
-    monkeypatch.setattr(config.settings, "writing_validation_mode", config.WARN)
-
-
-def data(name: str) -> str:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"{name} is not installed (pydicom-data)")
-    return str(path)
-
-
-def full(path: str) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dcmread(path)
 
 
 def decode(blob: bytes) -> Image.Image:

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.message import Message
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import Server, parseable_files
+from conftest import Server, parseable_files, split_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -55,26 +54,6 @@ def stow(server: Server, parts: list[bytes], path: str = "/studies",
     return (session or server.session()).post(
         server.dicomweb + path, data=multipart(parts) if body is None else body,
         headers=headers, timeout=120)
-
-
-def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
-    """(part headers, lower-cased names; body) of each part of a multipart/related response."""
-    msg = Message()
-    msg["content-type"] = response.headers["content-type"]
-    assert msg.get_content_type() == "multipart/related", response.headers["content-type"]
-    boundary = msg.get_param("boundary")
-    assert isinstance(boundary, str)
-    chunks = (b"\r\n" + response.content).split(b"\r\n--" + boundary.encode())
-    assert chunks[0] == b"", "unexpected preamble"
-    assert chunks[-1].startswith(b"--"), "no closing delimiter"
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, sep, body = chunk.partition(b"\r\n\r\n")
-        assert sep, "part without a header/body separator"
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
-        parts.append(({k.lower(): v for k, v in headers.items()}, body))
-    return parts
-
 
 def retrieve_bytes(server: Server, url: str) -> list[bytes]:
     r = server.session().get(url, headers={"Accept": ANY_TS}, timeout=120)

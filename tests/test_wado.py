@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 from dataclasses import dataclass
-from email.message import Message
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
 
-from conftest import Server
+from conftest import Server, split_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -85,23 +84,6 @@ def part10(ds: pydicom.Dataset) -> bytes:
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
     return out.getvalue()
-
-
-def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
-    msg = Message()
-    msg["content-type"] = response.headers["content-type"]
-    assert msg.get_content_type() == "multipart/related", response.headers["content-type"]
-    boundary = msg.get_param("boundary")
-    assert isinstance(boundary, str)
-    chunks = (b"\r\n" + response.content).split(b"\r\n--" + boundary.encode())
-    assert chunks[0] == b"" and chunks[-1].startswith(b"--")
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, _, body = chunk.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")[1:]
-        parts.append(({k.lower(): v for k, v in (ln.split(": ", 1) for ln in lines)}, body))
-    return parts
-
 
 def get(server: Server, url: str, accept: str | None = None, **params: str) -> requests.Response:
     headers = {"Accept": accept} if accept else {}

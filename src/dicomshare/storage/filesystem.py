@@ -55,7 +55,7 @@ class FileTemp:
         """Close, and start the fsync in the background (``pool``) or not at all (None)."""
         self.close()
         if pool is not None and self._synced is None:
-            self._synced = pool.submit(_fsync_path, self.path)
+            self._synced = pool.submit(_fsync, self.path)
 
     def wait_synced(self) -> None:
         if self._synced is not None:
@@ -73,8 +73,8 @@ class FilesystemBlobStore:
             for d in fanout:
                 d.mkdir(exist_ok=True)
             if fsync:
-                _fsync_dir(root)
-                _fsync_dir(root.parent)
+                _fsync(root)
+                _fsync(root.parent)
 
     def _path(self, key: str) -> Path:
         if not _KEY.match(key):
@@ -110,7 +110,7 @@ class FilesystemBlobStore:
                     folders.add(final.parent)
                 keys.append(key)
             if self.fsync:
-                list(_POOL.map(_fsync_dir, folders))
+                list(_POOL.map(_fsync, folders))
             return keys
         except OSError as exc:
             for temp in temps:
@@ -154,15 +154,8 @@ class FilesystemBlobStore:
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (for a folder: makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
