@@ -175,8 +175,8 @@ class MultipartReader:
         self._current = Part(self, headers, self.parts_read)
         return self._current
 
-    async def _fill(self) -> bool:
-        """Append the next non-empty chunk to the buffer; False once input is exhausted."""
+    async def _next_chunk(self) -> bytes | None:
+        """The next non-empty input chunk; None once input is exhausted."""
         while not self._eof:
             try:
                 chunk = await self._source.__anext__()
@@ -184,9 +184,34 @@ class MultipartReader:
                 self._eof = True
                 break
             if chunk:
-                self._buf += chunk
-                return True
-        return False
+                return chunk
+        return None
+
+    async def _fill(self) -> bool:
+        """Append the next non-empty chunk to the buffer; False once input is exhausted."""
+        chunk = await self._next_chunk()
+        if chunk is None:
+            return False
+        self._buf += chunk
+        return True
+
+    def _take(self, size: int) -> bytes:
+        """The first ``size`` buffered bytes, copied once."""
+        with memoryview(self._buf) as view:
+            data = bytes(view[:size])
+        del self._buf[:size]
+        return data
+
+    def _scan(self, chunk: bytes) -> bytes | None:
+        """Body bytes of a chunk that arrives with an empty buffer, without copying the
+        common case (no delimiter, no CR near the end); the rest is buffered."""
+        idx = chunk.find(self._delim)
+        if idx < 0:
+            idx = chunk.find(b"\r", max(0, len(chunk) - len(self._delim) + 1))
+            if idx < 0:
+                return chunk
+        self._buf += chunk[idx:]
+        return chunk[:idx] if idx else None
 
     def _truncated(self, where: str) -> MultipartError:
         return MultipartError(
@@ -281,11 +306,17 @@ class MultipartReader:
         if self._state != "body":
             return None
         while True:
+            if not self._buf:
+                chunk = await self._next_chunk()
+                if chunk is None:
+                    raise self._truncated(f"inside part {self.parts_read}")
+                data = self._scan(chunk)
+                if data is not None:
+                    return data
+                continue
             idx = self._buf.find(self._delim)
             if idx > 0:
-                data = bytes(self._buf[:idx])
-                del self._buf[:idx]
-                return data
+                return self._take(idx)
             if idx == 0:
                 await self._after_delimiter()
                 return None
@@ -293,9 +324,7 @@ class MultipartReader:
             cr = self._buf.find(b"\r", max(0, len(self._buf) - len(self._delim) + 1))
             safe = len(self._buf) if cr < 0 else cr
             if safe:
-                data = bytes(self._buf[:safe])
-                del self._buf[:safe]
-                return data
+                return self._take(safe)
             if not await self._fill():
                 raise self._truncated(f"inside part {self.parts_read}")
 
