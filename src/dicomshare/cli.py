@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="port (default 8080)")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS")
-    serve.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
+    serve.add_argument("--workers", type=int,
+                       help="HTTP worker processes (default: one per CPU, at most 4)")
 
     imp = sub.add_parser("import", help="store DICOM files, folders and zip files")
     imp.add_argument("paths", nargs="+", type=Path)
@@ -112,11 +113,12 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(host=settings.http_host, port=settings.http_port,
                                    log_level=settings.log_level, access_log=False,
                                    timeout_keep_alive=30)
-    if settings.workers > 1:
+    workers = settings.workers or min(4, os.cpu_count() or 1)
+    if workers > 1:
         # Worker processes rebuild the settings from the environment.
         archive.close()
         os.environ.update(settings_environment(settings))
-        uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=settings.workers,
+        uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
                     **options)
     else:
         uvicorn.run(create_app(settings, archive), **options)

@@ -34,7 +34,7 @@ class Settings:
     # fsync blobs and use synchronous=FULL in SQLite: an acknowledged instance survives power loss.
     fsync: bool = True
     max_stow_bytes: int = 0  # 0: unlimited (memory is bounded anyway; disk is the limit)
-    workers: int = 1
+    workers: int = 0  # HTTP worker processes; 0: one per CPU, at most 4
     log_level: str = "info"
     extra: Mapping[str, str] = field(default_factory=dict)
 

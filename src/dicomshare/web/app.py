@@ -92,7 +92,26 @@ def app_from_env() -> FastAPI:
     """Factory for worker processes (``serve --workers N``): settings come from the env."""
     from dicomshare.config import load_settings
 
+    _die_with_parent()
     return create_app(load_settings())
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its supervisor: it would keep the port and serve requests
+    nobody supervises. The supervisor dying is a crash of the server, so the workers end
+    like one (SIGKILL; every acknowledged instance is durable already). Linux only."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def principal(request: Request) -> Principal:
