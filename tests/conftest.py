@@ -131,6 +131,8 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    dicom_port: int = field(default_factory=free_port)
+    ae_title: str = "DICOMSHARE"
 
     @property
     def url(self) -> str:
@@ -155,7 +157,8 @@ class Server:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         env = {**os.environ, "DICOMSHARE_DATA_DIR": str(self.data_dir), **self.env}
         self.process = subprocess.Popen(
-            [*DICOMSHARE, "serve", "--http-port", str(self.port)], env=env, stdout=log,
+            [*DICOMSHARE, "serve", "--http-port", str(self.port), "--dicom-port",
+             str(self.dicom_port), "--ae-title", self.ae_title], env=env, stdout=log,
             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="port (default 8080)")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS")
+    serve.add_argument("--dicom-port", type=int, help="DICOM (DIMSE) port, 0 disables "
+                       "(default 11112)")
+    serve.add_argument("--dicom-host", help="DICOM address to bind (default 127.0.0.1)")
+    serve.add_argument("--ae-title", help="our AE title (default DICOMSHARE)")
+    serve.add_argument("--dicom-accept-unknown", action="store_const", const=True,
+                       help="accept associations from AE titles that are not registered")
     serve.add_argument("--workers", type=int,
                        help="HTTP worker processes (default: one per CPU, at most 4)")
 
@@ -72,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     trevoke = tokens.add_parser("revoke", help="revoke a token by id")
     trevoke.add_argument("id", type=int)
     tokens.add_parser("list", help="list tokens (never their secrets)")
+
+    ae = sub.add_parser("ae", help="registered DICOM peers (AE titles)").add_subparsers(
+        dest="action", required=True)
+    ae_add = ae.add_parser("add", help="register a peer: it may connect, and receive C-MOVEs")
+    ae_add.add_argument("title")
+    ae_add.add_argument("--host", required=True)
+    ae_add.add_argument("--port", required=True, type=int)
+    ae_add.add_argument("--description")
+    ae_add.add_argument("--replace", action="store_true", help="update an existing entry")
+    ae_remove = ae.add_parser("remove", help="forget a peer")
+    ae_remove.add_argument("title")
+    ae.add_parser("list", help="list registered peers")
     return p
 
 
@@ -81,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                         "%(message)s", stream=sys.stderr)
     overrides = {k: getattr(args, k, None) for k in
                  ("data_dir", "database_url", "http_host", "http_port", "cors_origins",
-                  "workers")}
+                  "workers", "dicom_port", "dicom_host", "ae_title", "dicom_accept_unknown")}
     if overrides["data_dir"]:
         overrides["data_dir"] = Path(overrides["data_dir"])
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = load_settings(overrides)
     try:
         handler = {"serve": _serve, "import": _import, "check": _check,
-                   "users": _users, "tokens": _tokens}[args.command]
+                   "users": _users, "tokens": _tokens, "ae": _ae}[args.command]
         return handler(settings, args)
     except DicomshareError as exc:
         print(f"error: {exc.reason}", file=sys.stderr)
@@ -281,6 +299,22 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
                 "expired" if t.expires_at and t.expires_at <= datetime.now(UTC) else "active")
             print(f"{t.id}\t{t.user}\t{t.name or ''}\t{t.prefix}...\t{state}\t"
                   f"{t.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def _ae(settings: Settings, args: argparse.Namespace) -> int:
+    from dicomshare.dimse.aes import AERegistry
+
+    registry = AERegistry(Archive.open(settings).index.engine)
+    if args.action == "add":
+        ae = registry.add(args.title, args.host, args.port, args.description, args.replace)
+        print(f"registered {ae.ae_title} at {ae.host}:{ae.port}", file=sys.stderr)
+    elif args.action == "remove":
+        registry.remove(args.title)
+        print(f"removed {args.title}", file=sys.stderr)
+    else:
+        for ae in registry.all():
+            print(f"{ae.ae_title}\t{ae.host}\t{ae.port}\t{ae.description or ''}")
     return 0
 
 

@@ -35,6 +35,14 @@ class Settings:
     fsync: bool = True
     max_stow_bytes: int = 0  # 0: unlimited (memory is bounded anyway; disk is the limit)
     workers: int = 0  # HTTP worker processes; 0: one per CPU, at most 4
+    # DICOM network service (DIMSE); port 0 disables it.
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    ae_title: str = "DICOMSHARE"
+    dicom_accept_unknown: bool = False  # accept associations from unregistered AE titles
+    dicom_max_pdu: int = 262144  # bytes; 0: unlimited
+    dicom_max_associations: int = 16
+    dicom_timeout: int = 60  # seconds: ACSE, DIMSE and network timeouts
     log_level: str = "info"
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -124,3 +124,16 @@ token = Table(
     Column("revoked_at", DateTime(timezone=True)),
     Column("last_used_at", DateTime(timezone=True)),
 )
+
+remote_ae = Table(
+    "remote_ae",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("ae_title", String(16), nullable=False, unique=True),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("description", Text),
+    # Who may connect from this AE and who owns what it stores (the access issue fills it).
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
