@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Settings:
     dicom_max_associations: int = 16
     dicom_timeout: int = 60  # seconds: ACSE, DIMSE and network timeouts
     log_level: str = "info"
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def blob_dir(self) -> Path:
@@ -74,8 +73,6 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     """The settings as DICOMSHARE_* variables, for child processes."""
     env = {}
     for f in fields(Settings):
-        if f.name == "extra":
-            continue
         value = getattr(settings, f.name)
         if isinstance(value, tuple):
             value = ",".join(value)
@@ -91,7 +88,7 @@ def load_settings(
     """Build settings from the environment, then apply non-None ``overrides`` (CLI flags)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    names = {f.name for f in fields(Settings)} - {"extra"}
+    names = {f.name for f in fields(Settings)}
     for name in names:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None and raw != "":

@@ -35,7 +35,6 @@ from dicomshare.dicom.json import dataset_to_json
 from dicomshare.errors import InvalidDicom, InvalidUID, MissingAttribute
 
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
-PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _WARNINGS_LOCK = threading.Lock()
@@ -54,7 +53,6 @@ class Header:
     metadata: dict[str, Any]  # full DICOM JSON with bulk placeholders
     study_json: dict[str, Any] = field(default_factory=dict)
     series_json: dict[str, Any] = field(default_factory=dict)
-    has_pixels: bool = False
 
     def metadata_text(self) -> str:
         return json.dumps(self.metadata, separators=(",", ":"), ensure_ascii=False)
@@ -114,7 +112,6 @@ def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
         metadata=metadata,
         study_json=_subset(metadata, lambda t: (t >> 16) in STUDY_GROUPS or t in STUDY_EXTRA),
         series_json=_subset(metadata, lambda t: t in SERIES_EXTRA),
-        has_pixels=PIXEL_DATA in bulk or tag_hex(PIXEL_DATA) in metadata,
     )
 
 
