@@ -330,7 +330,12 @@ def _memory_one(
         rep.add(section, f"{m}: ingest throughput", "MiB/s", "higher", srv.name, speed)
 
 
-def header(args: argparse.Namespace, versions: dict[str, str]) -> list[str]:
+def header(
+    args: argparse.Namespace,
+    versions: dict[str, str],
+    title: str = "DICOMweb benchmark",
+    script: str = "bench/run.py",
+) -> list[str]:
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
@@ -350,14 +355,14 @@ def header(args: argparse.Namespace, versions: dict[str, str]) -> list[str]:
     from importlib.metadata import version
 
     lines = [
-        f"## DICOMweb benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"## {title}, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
         f"- Host: {cpu}, {os.cpu_count()} CPUs, {mem} MiB RAM, Linux {platform.release()}",
         f"- Client: Python {platform.python_version()}, requests {version('requests')}, "
         f"pydicom {version('pydicom')}, numpy {version('numpy')}",
     ]
     lines += [f"- {LABELS[n]}: {v}" for n, v in versions.items()]
-    lines.append("- Command: `python bench/run.py " + shlex.join(sys.argv[1:]) + "`")
+    lines.append(f"- Command: `python {script} " + shlex.join(sys.argv[1:]) + "`")
     return lines
 
 

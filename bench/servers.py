@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import requests
 Log = Callable[[str], None]
 DICOMSHARE = "dicomshare"
 ORTHANC = "orthanc"
+ORTHANC_AET = "ORTHANC"
+DICOMSHARE_AET = "DICOMSHARE"
 
 
 def free_port() -> int:
@@ -45,6 +47,8 @@ class Server:
     version: str = ""
     keep: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    dicom_port: int = 0  # DIMSE listener, 0 when not enabled
+    ae_title: str = ""
 
     def session(self) -> requests.Session:
         """One persistent connection per client; identity encoding keeps both servers honest."""
@@ -126,9 +130,16 @@ def find_dicomweb_plugin() -> str:
 
 
 def orthanc_config(
-    workdir: Path, http_port: int, plugin: str, overrides: dict[str, object]
+    workdir: Path,
+    http_port: int,
+    plugin: str,
+    overrides: dict[str, object],
+    dicom_port: int = 0,
 ) -> dict[str, object]:
-    """Stock Orthanc settings except what isolation needs (ports, folders, no remote access)."""
+    """Stock Orthanc settings except what isolation needs (ports, folders, no remote access).
+
+    `plugin` "" leaves DICOMweb out; `dicom_port` > 0 enables the DIMSE server as ORTHANC.
+    """
     cfg: dict[str, object] = {
         "Name": "dicomshare-bench",
         "StorageDirectory": str(workdir / "storage"),
@@ -142,38 +153,56 @@ def orthanc_config(
         "SaveJobs": False,
         # Default 30 s would cut off the 1 GiB STOW-RS request on a slow runner.
         "HttpRequestTimeout": 3600,
-        "Plugins": [plugin],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
+    if plugin:
+        cfg["Plugins"] = [plugin]
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+    if dicom_port:
+        cfg.update(DicomServerEnabled=True, DicomPort=dicom_port, DicomAet=ORTHANC_AET)
     cfg.update(overrides)
     return cfg
 
 
 def start_orthanc(
-    cmd: str, plugin: str, overrides: dict[str, object], tmp_root: Path, keep: bool, log: Log
+    cmd: str,
+    plugin: str,
+    overrides: dict[str, object],
+    tmp_root: Path,
+    keep: bool,
+    log: Log,
+    dicom_port: int = 0,
+    env: dict[str, str] | None = None,
 ) -> Server:
+    """`plugin` "" runs without DICOMweb; `env` is added to the server's environment."""
     workdir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=tmp_root))
     port = free_port()
     cfg_path = workdir / "orthanc.json"
-    cfg_path.write_text(json.dumps(orthanc_config(workdir, port, plugin, overrides), indent=2))
+    cfg = orthanc_config(workdir, port, plugin, overrides, dicom_port)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     log_path = workdir / "orthanc.log"
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(
             [cmd, str(cfg_path)],
             cwd=workdir,
+            env=dict(os.environ, **env) if env else None,
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     _wait_ready(f"{base}/system", proc, 60, log_path)
-    _wait_ready(f"{base}/dicom-web/studies?limit=1", proc, 30, log_path)
+    if plugin:
+        _wait_ready(f"{base}/dicom-web/studies?limit=1", proc, 30, log_path)
     version = requests.get(f"{base}/system", timeout=5).json().get("Version", "?")
-    try:
-        plug = requests.get(f"{base}/plugins/dicom-web", timeout=5).json().get("Version", "?")
-    except (requests.RequestException, ValueError):
-        plug = "?"
-    log(f"orthanc {version} (DICOMweb plugin {plug}) pid {proc.pid} on {base}")
+    plug = "?"
+    if plugin:
+        try:
+            plug = requests.get(f"{base}/plugins/dicom-web", timeout=5).json().get("Version", "?")
+        except (requests.RequestException, ValueError):
+            pass
+    label = f"Orthanc {version}" + (f", DICOMweb plugin {plug}" if plugin else "")
+    dicom = f", DICOM {cfg['DicomAet']} on port {cfg['DicomPort']}" if dicom_port else ""
+    log(f"{label} pid {proc.pid} on {base}{dicom}")
     return Server(
         ORTHANC,
         f"{base}/dicom-web",
@@ -181,8 +210,10 @@ def start_orthanc(
         proc,
         workdir,
         log_path,
-        f"Orthanc {version}, DICOMweb plugin {plug}",
+        label,
         keep,
+        dicom_port=int(str(cfg["DicomPort"])) if dicom_port else 0,
+        ae_title=str(cfg["DicomAet"]) if dicom_port else "",
     )
 
 
@@ -200,10 +231,19 @@ def resolve_dicomshare(cmd: str, repo_root: Path) -> str:
 
 
 def start_dicomshare(
-    cmd: str, database_url: str | None, tmp_root: Path, keep: bool, log: Log
+    cmd: str,
+    database_url: str | None,
+    tmp_root: Path,
+    keep: bool,
+    log: Log,
+    dicom_port: int = 0,
+    peers: Sequence[tuple[str, str, int]] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
+    """`dicom_port` > 0 starts the DIMSE listener (accepting unknown callers) and
+    registers `peers` (AE title, host, port) first, e.g. C-MOVE destinations."""
     workdir = Path(tempfile.mkdtemp(prefix="dicomshare-", dir=tmp_root))
-    env = dict(os.environ, DICOMSHARE_DATA_DIR=str(workdir / "data"))
+    env = dict(os.environ, DICOMSHARE_DATA_DIR=str(workdir / "data"), **(extra_env or {}))
     if database_url:
         env["DICOMSHARE_DATABASE_URL"] = database_url
 
@@ -242,6 +282,8 @@ def start_dicomshare(
         # A persistent PostgreSQL database may already hold the user from an earlier run.
         log(f"ignoring (database reused?): {exc}")
     token = cli("tokens", "create", "bench").strip().splitlines()[-1].strip()
+    for title, host, peer_port in peers:
+        cli("ae", "add", title, "--host", host, "--port", str(peer_port))
     try:
         version = subprocess.run(
             [cmd, "--version"], env=env, capture_output=True, text=True, timeout=30
@@ -250,9 +292,15 @@ def start_dicomshare(
         version = ""
     port = free_port()
     log_path = workdir / "dicomshare.log"
+    serve = [cmd, "serve", "--http-host", "127.0.0.1", "--http-port", str(port)]
+    if dicom_port:
+        serve += ["--dicom-port", str(dicom_port), "--ae-title", DICOMSHARE_AET]
+        serve += ["--dicom-accept-unknown"]
+    else:
+        serve += ["--dicom-port", "0"]  # no DIMSE listener for the DICOMweb benchmark
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(
-            [cmd, "serve", "--http-host", "127.0.0.1", "--http-port", str(port)],
+            serve,
             cwd=workdir,
             env=env,
             stdout=logf,
@@ -264,6 +312,7 @@ def start_dicomshare(
     log(
         f"dicomshare {version or '(version unknown)'} pid {proc.pid} on {base}"
         f"{' with ' + database_url.split('@')[-1] if database_url else ''}"
+        f"{f', DICOM {DICOMSHARE_AET} on port {dicom_port}' if dicom_port else ''}"
     )
     return Server(
         DICOMSHARE,
@@ -275,6 +324,8 @@ def start_dicomshare(
         version or "dicomshare",
         keep,
         {"database": "postgresql" if database_url else "default"},
+        dicom_port,
+        DICOMSHARE_AET if dicom_port else "",
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,11 +95,13 @@ class Archive:
     def new_temp(self) -> TempBlob:
         return self.blobs.new_temp()
 
-    def store_received(self, temps: Iterable[TempBlob],
-                       study_uid: str | None = None) -> list[StoreResult]:
+    def store_received(self, temps: Iterable[TempBlob], study_uid: str | None = None,
+                       check: Callable[[Header], None] | None = None) -> list[StoreResult]:
         """Validate, make durable and index received blobs; one result per blob, in order.
 
         ``study_uid`` is set for STOW-RS ``POST /studies/{study}``: other studies are refused.
+        ``check`` is an adapter's own rule (C-STORE: the data set is the SOP Instance the
+        request names); it raises a DicomshareError to refuse an object before it is stored.
         """
         temps = list(temps)
         for temp in temps:  # the disk works on the fsyncs while the headers are parsed
@@ -115,6 +117,8 @@ class Archive:
                 if study_uid and header.study_uid != study_uid:
                     raise StudyMismatch(
                         f"instance belongs to study {header.study_uid}, not {study_uid}")
+                if check is not None:
+                    check(header)
                 valid.append((result, header, temp))
             except DicomshareError as exc:
                 self.blobs.discard(temp)  # type: ignore[arg-type]

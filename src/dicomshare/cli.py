@@ -20,13 +20,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from dicomshare import __version__
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings, load_settings, settings_environment
 from dicomshare.errors import DicomshareError
 from dicomshare.storage.base import Outcome
+
+if TYPE_CHECKING:
+    from dicomshare.dimse.scp import DicomService
 
 BATCH = 64  # instances per index transaction during import
 
@@ -39,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(env DICOMSHARE_DATABASE_URL)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the HTTP (DICOMweb) server")
+    serve = sub.add_parser("serve", help="start the DICOMweb (HTTP) and DICOM (DIMSE) "
+                           "servers")
     serve.add_argument("--http-host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="port (default 8080)")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS")
@@ -90,7 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     ae_remove = ae.add_parser("remove", help="forget a peer")
     ae_remove.add_argument("title")
     ae.add_parser("list", help="list registered peers")
+
+    send = sub.add_parser("send", help="send studies to a registered peer (C-STORE)")
+    send.add_argument("--to", required=True, metavar="TITLE", help="registered AE title")
+    send.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    send.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    remote = sub.add_parser("remote", help="query and retrieve from a registered peer")
+    ractions = remote.add_subparsers(dest="action", required=True)
+    rfind = ractions.add_parser("find", help="C-FIND: list matches on the peer")
+    rfind.add_argument("title", help="registered AE title")
+    rfind.add_argument("--level", default="study",
+                       choices=["patient", "study", "series", "image"])
+    rfind.add_argument("--model", choices=["study", "patient"],
+                       help="information model (default: patient for --level patient, "
+                       "else study)")
+    for flag, key in _FIND_FLAGS.items():
+        rfind.add_argument(flag, dest=key, metavar="VALUE", help=f"match {key}")
+    rfind.add_argument("-k", "--key", action="append", default=[], metavar="KEY=VALUE",
+                       help="match or return any attribute (keyword or tag; repeatable)")
+    rfind.add_argument("--json", action="store_true", help="print the matches as DICOM JSON")
+    rget = ractions.add_parser("retrieve", help="C-MOVE (to us) or C-GET studies into the "
+                               "archive")
+    rget.add_argument("title", help="registered AE title")
+    rget.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    rget.add_argument("--method", default="move", choices=["move", "get"],
+                      help="move: the peer sends to our AE title (it must know us); get: "
+                      "on this association (default move)")
     return p
+
+
+_FIND_FLAGS = {"--patient-id": "PatientID", "--patient-name": "PatientName",
+               "--study-date": "StudyDate", "--modality": "Modality",
+               "--accession": "AccessionNumber", "--study-uid": "StudyInstanceUID"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     if overrides["data_dir"]:
         overrides["data_dir"] = Path(overrides["data_dir"])
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if args.command in ("send", "remote"):  # its failures reach the user as our errors
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     settings = load_settings(overrides)
     try:
         handler = {"serve": _serve, "import": _import, "check": _check,
-                   "users": _users, "tokens": _tokens, "ae": _ae}[args.command]
+                   "users": _users, "tokens": _tokens, "ae": _ae, "send": _send,
+                   "remote": _remote}[args.command]
         return handler(settings, args)
     except DicomshareError as exc:
         print(f"error: {exc.reason}", file=sys.stderr)
@@ -132,15 +171,42 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
                                    log_level=settings.log_level, access_log=False,
                                    timeout_keep_alive=30)
     workers = settings.workers or min(4, os.cpu_count() or 1)
-    if workers > 1:
-        # Worker processes rebuild the settings from the environment.
-        archive.close()
-        os.environ.update(settings_environment(settings))
-        uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
-                    **options)
-    else:
-        uvicorn.run(create_app(settings, archive), **options)
+    # The DICOM service runs once, in this process (the supervisor when there are several
+    # HTTP workers), on this archive.
+    dicom = _start_dicom(settings, archive) if settings.dicom_port else None
+    if settings.dicom_port and dicom is None:
+        return 1
+    try:
+        if workers > 1:
+            # Worker processes rebuild the settings from the environment.
+            if dicom is None:
+                archive.close()
+            os.environ.update(settings_environment(settings))
+            uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
+                        **options)
+        else:
+            uvicorn.run(create_app(settings, archive), **options)
+    finally:
+        if dicom is not None:
+            dicom.stop()
+            archive.close()
     return 0
+
+
+def _start_dicom(settings: Settings, archive: Archive) -> DicomService | None:
+    """The DIMSE SCP (dimse/scp.py), listening; None (reported) when the port is taken."""
+    from dicomshare.dimse.scp import DicomService
+
+    service = DicomService(settings, archive)
+    try:
+        service.start()
+    except OSError as exc:
+        print(f"error: cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return None
+    print(f"DICOM: AE {settings.ae_title} on {settings.dicom_host}:{service.port}",
+          file=sys.stderr, flush=True)
+    return service
 
 
 # -- import -------------------------------------------------------------------------------
@@ -316,6 +382,93 @@ def _ae(settings: Settings, args: argparse.Namespace) -> int:
         for ae in registry.all():
             print(f"{ae.ae_title}\t{ae.host}\t{ae.port}\t{ae.description or ''}")
     return 0
+
+
+# -- send, remote find / retrieve --------------------------------------------------------
+def _send(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dicomshare.dimse import scu
+    from dicomshare.dimse.aes import AERegistry
+
+    archive = Archive.open(settings)
+    peer = AERegistry(archive.index.engine).require(args.to)
+    studies = list(dict.fromkeys(args.studies))
+    total = sum(len(archive.locate(uid)) for uid in studies)  # unknown study: fails here
+    with tqdm(total=total, unit="instance", disable=args.quiet or None, file=sys.stderr,
+              desc=f"sending to {peer.ae_title}") as bar:
+        report = scu.send(archive, settings, peer, studies, progress=lambda _r: bar.update())
+    for r in report.instances:
+        status = f"0x{r.status:04X}" if r.status is not None else "-"
+        print(f"  {r.outcome:<8} {status:<7} {r.sop_uid}"
+              + (f"  {r.comment}" if r.comment else ""))
+    print(f"sent: {report.count('success')}  warning: {report.count('warning')}  "
+          f"failed: {report.count('failure')}")
+    if report.error:
+        print(f"error: {report.error}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _remote(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from pydicom.datadict import keyword_for_tag
+
+    from dicomshare.dimse import scu
+    from dicomshare.dimse.aes import AERegistry
+
+    archive = Archive.open(settings)
+    peer = AERegistry(archive.index.engine).require(args.title)
+    if args.action == "retrieve":
+        reports = scu.retrieve(archive, settings, peer, args.studies, args.method)
+        for r in reports:
+            status = f"0x{r.status:04X}" if r.status is not None else "no status"
+            line = (f"study {r.study_uid}: {r.outcome} ({status}) completed: {r.completed}  "
+                    f"failed: {r.failed}  warning: {r.warning}")
+            if r.method == "get":
+                line += f"  stored: {r.stored}  already present: {r.already_present}"
+            print(line + (f"  {r.comment}" if r.comment else ""))
+            for sop_uid, reason in r.refused:
+                print(f"  refused {sop_uid}: {reason}")
+        return 0 if all(r.outcome == "success" for r in reports) else 1
+    keys = {key: getattr(args, key) for key in _FIND_FLAGS.values()
+            if getattr(args, key) is not None}
+    if "Modality" in keys and args.level in ("patient", "study"):
+        keys["ModalitiesInStudy"] = keys.pop("Modality")
+    for item in args.key:
+        name, _, value = item.partition("=")  # KEY alone: return it, match anything
+        if not name.strip():
+            print(f"error: -k {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        keys[name.strip()] = value
+    matches = scu.find(settings, peer, args.level, keys, args.model)
+    if args.json:
+        print(json.dumps(matches, indent=2, ensure_ascii=False))
+    else:
+        named = [keyword_for_tag(scu.attribute_tag(k)) or k for k in keys]
+        _print_table(matches, list(dict.fromkeys(scu.RETURN_KEYS[args.level] + named)))
+    print(f"{len(matches)} match{'es' if len(matches) != 1 else ''}", file=sys.stderr)
+    return 0
+
+
+def _print_table(matches: list[dict[str, Any]], columns: list[str]) -> None:
+    from dicomshare.dicom.attributes import tag_hex
+    from dicomshare.dimse.scu import attribute_tag
+
+    tags = [tag_hex(attribute_tag(c)) for c in columns]
+    rows = [[_text(m.get(tag)) for tag in tags] for m in matches]
+    shown = [i for i, c in enumerate(columns) if any(row[i] for row in rows)] or \
+        list(range(len(columns)))
+    widths = {i: max([len(columns[i])] + [len(row[i]) for row in rows]) for i in shown}
+    print("  ".join(columns[i].ljust(widths[i]) for i in shown).rstrip())
+    for row in rows:
+        print("  ".join(row[i].ljust(widths[i]) for i in shown).rstrip())
+
+
+def _text(element: dict[str, Any] | None) -> str:
+    values = (element or {}).get("Value") or []
+    return "\\".join(str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
+                      for v in values)
 
 
 if __name__ == "__main__":

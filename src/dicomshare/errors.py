@@ -18,7 +18,9 @@ DICOMweb, a DIMSE status for the network service, an exit code for the CLI.
     │   └── StudyMismatch           409  instance is not in the study named by the URL (0xA900)
     ├── PayloadTooLarge             413  request body above the configured limit
     ├── UnsupportedMediaType        415  request body media type not supported
-    └── StorageFailure              503  the archive could not make the object durable (0xA700)
+    ├── StorageFailure              503  the archive could not make the object durable (0xA700)
+    └── RemoteError                 502  a DICOM peer answered a request with a failure
+        └── PeerUnavailable         502  peer unreachable, association rejected or aborted
 """
 
 from __future__ import annotations
@@ -97,3 +99,13 @@ class UnsupportedMediaType(DicomshareError):
 class StorageFailure(DicomshareError):
     http_status = 503
     failure_reason = 0xA700
+
+
+class RemoteError(DicomshareError):
+    """A DICOM peer we called failed the request: the fault is upstream, not the caller's."""
+
+    http_status = 502
+
+
+class PeerUnavailable(RemoteError):
+    """No usable association with the peer: unreachable, rejected, aborted or timed out."""

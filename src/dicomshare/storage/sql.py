@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
-from dicomshare.dicom.attributes import DEFAULT_RETURN, Level, parse_tag, tag_hex, vr_of
+from dicomshare.dicom.attributes import (
+    COMPUTED_KEYS,
+    DEFAULT_RETURN,
+    PATIENT_KEYS,
+    Level,
+    parse_tag,
+    tag_hex,
+    vr_of,
+)
 from dicomshare.dicom.matching import Condition, Kind, Query, matches_json
 from dicomshare.errors import InvalidQuery
 from dicomshare.storage import schema as s
@@ -176,6 +185,8 @@ class SqlIndex:
     # -- search ----------------------------------------------------------------------------
     def search(self, query: Query, study_uid: str | None = None,
                series_uid: str | None = None) -> list[dict[str, Any]]:
+        if query.level is Level.PATIENT:
+            return self._search_patients(query)
         if query.level not in _DEPTH:
             raise InvalidQuery(f"searching at the {query.level.value} level is not supported")
         stmt, residual = self._select(query, study_uid, series_uid)
@@ -199,6 +210,70 @@ class SqlIndex:
                     stmt = stmt.limit(query.limit)
                 rows = list(conn.execute(stmt).mappings())
             return self._results(conn, query, rows, study_uid, series_uid)
+
+    def _search_patients(self, query: Query) -> list[dict[str, Any]]:
+        """PATIENT level (C-FIND): studies grouped by (PatientID, IssuerOfPatientID).
+
+        A patient matches when one of its studies does; its attributes are those of its
+        newest study, and its counts cover all its studies, matching or not.
+        """
+        stmt, residual = self._select(replace(query, level=Level.STUDY), None, None)
+        key_cols = (s.study.c.patient_id, s.study.c.issuer_of_patient_id)
+        with self.engine.connect() as conn:
+            if residual:
+                seen: dict[tuple[Any, Any], None] = {}  # ordered, newest study first
+                rows = conn.execute(stmt.add_columns(*key_cols)).mappings()
+                for row in rows:
+                    key = (row["patient_id"], row["issuer_of_patient_id"])
+                    if key not in seen and all(matches_json(c, json.loads(row["study_json"]),
+                                                            query.fuzzy) for c in residual):
+                        seen[key] = None
+                keys = list(seen)[query.offset:]
+                if query.limit is not None:
+                    keys = keys[:query.limit]
+            else:
+                matched = stmt.with_only_columns(s.study.c.pk).order_by(None)
+                grouped = (select(*key_cols).where(s.study.c.pk.in_(matched))
+                           .group_by(*key_cols).order_by(*key_cols).offset(query.offset))
+                if query.limit is not None:
+                    grouped = grouped.limit(query.limit)
+                keys = [(pid, issuer) for pid, issuer in conn.execute(grouped)]
+            return self._patient_results(conn, query, keys)
+
+    def _patient_results(self, conn: Connection, query: Query,
+                         keys: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
+        if not keys:
+            return []
+        ids = {pid for pid, _ in keys if pid is not None}
+        who = or_(s.study.c.patient_id.in_(ids), s.study.c.patient_id.is_(None)) \
+            if any(pid is None for pid, _ in keys) else s.study.c.patient_id.in_(ids)
+        counted = conn.execute(
+            select(s.study.c.patient_id, s.study.c.issuer_of_patient_id,
+                   func.count(func.distinct(s.study.c.pk)),
+                   func.count(func.distinct(s.series.c.pk)), func.count(s.instance.c.pk),
+                   func.max(s.study.c.pk))
+            .select_from(s.study.join(s.series, s.series.c.study_pk == s.study.c.pk)
+                         .join(s.instance, s.instance.c.series_pk == s.series.c.pk))
+            .where(who).group_by(s.study.c.patient_id, s.study.c.issuer_of_patient_id))
+        stats = {(pid, issuer): (n_st, n_se, n_in, latest)
+                 for pid, issuer, n_st, n_se, n_in, latest in counted}
+        latest_pks = [stats[k][3] for k in keys if k in stats]
+        attributes = dict(conn.execute(select(s.study.c.pk, s.study.c.attributes)
+                                       .where(s.study.c.pk.in_(latest_pks))).all())
+        defaults = [*PATIENT_KEYS, *COMPUTED_KEYS[Level.PATIENT]]
+        wanted = _wanted_tags(query, defaults)
+        out = []
+        for key in keys:
+            if key not in stats:  # its studies were deleted meanwhile
+                continue
+            n_st, n_se, n_in, latest = stats[key]
+            study_json = json.loads(attributes.get(latest, "{}"))
+            ds = {k: v for k, v in study_json.items() if k.startswith("0010") or k == "00080005"}
+            ds.update({"00201200": {"vr": "IS", "Value": [n_st]},
+                       "00201202": {"vr": "IS", "Value": [n_se]},
+                       "00201204": {"vr": "IS", "Value": [n_in]}})
+            out.append(_shape(ds, wanted, query.include_all, defaults))
+        return out
 
     def _select(self, query: Query, study_uid: str | None,
                 series_uid: str | None) -> tuple[Select[Any], list[Condition]]:

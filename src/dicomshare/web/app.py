@@ -1,7 +1,8 @@
-"""The HTTP application: authentication, CORS, error mapping, and the DICOMweb routes.
+"""The HTTP application: authentication, CORS, error mapping, the DICOMweb routes and the
+JSON API (``/api``, web/api.py).
 
-Every request under the DICOMweb root needs ``Authorization: Bearer <token>``; the
-only open routes are ``/healthz`` (for load balancers and the test harness) and the
+Every request under the DICOMweb root and ``/api`` needs ``Authorization: Bearer <token>``;
+the only open routes are ``/healthz`` (for load balancers and the test harness) and the
 OpenAPI pages. Errors from the project's tree become a status, a JSON body with the
 reason, and a ``Warning`` header (PS3.18 8.6.3), never a bare 500.
 """
@@ -82,9 +83,10 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    from dicomshare.web import dicomweb
+    from dicomshare.web import api, dicomweb
 
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
+    app.include_router(api.router, prefix="/api")
     return app
 
 

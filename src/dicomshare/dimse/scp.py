@@ -1,0 +1,750 @@
+"""The DICOM network service (DIMSE SCP) that ``dicomshare serve`` runs beside DICOMweb.
+
+Verification; Storage of every storage SOP class; Query/Retrieve FIND, MOVE and GET in
+the Patient Root and Study Root models; Storage Commitment Push Model. Handlers only
+translate between the wire and the archive, so every rule holds for DIMSE as for
+DICOMweb: C-STORE goes through :meth:`Archive.store_received`, C-FIND through
+:meth:`Archive.search` with the QIDO-RS matching engine, C-MOVE / C-GET / commitment
+through :meth:`Archive.locate`, :meth:`Archive.search` and the blobs.
+
+Where pynetdicom does not do what an archive needs, this module adjusts one association
+at a time, never pynetdicom's process-wide ``_config`` (the SCU side shares it):
+
+- a received C-STORE data set is written into an archive temp blob as it arrives, after
+  the Part 10 header built from the request: memory stays bounded per association, the
+  stored file is the received bytes, and an aborted transfer leaves nothing behind;
+- C-MOVE and C-GET sub-operations send the stored bytes from the blob (decompressed
+  only when the peer accepted nothing but uncompressed syntaxes for that instance);
+- the calling AE title is checked against the registry on every association, so
+  ``dicomshare ae add`` takes effect without a restart;
+- each presentation context is accepted with the transfer syntax its proposer put first.
+
+C-STORE statuses (PS3.4 B.2.3; ErrorComment always says why):
+
+    0x0000  stored, or the identical bytes were stored before
+    0x0111  another object with this SOP Instance UID is stored (the first is kept).
+            PS3.4 B.2.3 has no status for this; A9xx would say "data set does not match
+            SOP class", which is not what happened. 0111 "Duplicate SOP Instance" (PS3.7
+            C) is exact, and is the failure reason STOW-RS reports for the same refusal.
+    0xA900  a required UID is missing or invalid, or the data set is not the SOP
+            Instance / SOP Class the request names
+    0xC000  the data set cannot be parsed
+    0xA700  the archive could not make it durable (disk, database)
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta, split_dataset
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
+from pynetdicom.presentation import PresentationContext, build_context, build_role
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomshare.archive import Archive
+from dicomshare.config import Settings
+from dicomshare.dicom import pixels, transfer
+from dicomshare.dicom.attributes import Level
+from dicomshare.dicom.matching import Condition, Kind, Query
+from dicomshare.dimse import translate
+from dicomshare.dimse.aes import AERegistry
+from dicomshare.errors import DicomshareError, InvalidInput, NotFound, StorageFailure
+from dicomshare.storage.base import StoredInstance, TempBlob
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
+PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
+PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
+MAX_CONTEXTS = 128
+NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
+_NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+# -- the service -----------------------------------------------------------------------------
+class DicomService:
+    """One listening AE on ``dicom_host:dicom_port``; start() returns at once."""
+
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.registry = AERegistry(archive.index.engine)
+        self.ae = _ArchiveAE(self, settings.ae_title)
+        self._server: ThreadedAssociationServer | None = None
+        self._inboxes: dict[int, _Inbox] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Listen; raises OSError when the address is taken."""
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per PDU at INFO
+        ae, s = self.ae, self.settings
+        ae.maximum_pdu_size = s.dicom_max_pdu
+        ae.maximum_associations = s.dicom_max_associations
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.dicom_timeout
+        ae.connection_timeout = s.dicom_timeout
+        ae.require_called_aet = True
+        ae.add_supported_context(VERIFICATION)
+        for cx in AllStoragePresentationContexts:  # both roles: C-GET's stores go out on them
+            ae.add_supported_context(cast(str, cx.abstract_syntax), STORAGE_SYNTAXES,
+                                     scu_role=True, scp_role=True)
+        for uid in translate.MODELS:
+            ae.add_supported_context(uid, NATIVE)
+        ae.add_supported_context(COMMITMENT, NATIVE)
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ABORTED, self._on_close),
+            (evt.EVT_C_ECHO, lambda _event: SUCCESS), (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get), (evt.EVT_N_ACTION, self._on_n_action),
+        ]
+        server = ae.start_server((s.dicom_host, s.dicom_port), block=False,
+                                 evt_handlers=handlers)
+        assert server is not None  # block=False
+        server.contexts = _Contexts(server.contexts)
+        self._server = server
+
+    def stop(self) -> None:
+        """Stop listening and end the associations in progress (their temp blobs go)."""
+        self.ae.shutdown()
+        self._server = None
+        with self._lock:
+            inboxes = list(self._inboxes.values())
+            self._inboxes.clear()
+        for inbox in inboxes:
+            inbox.discard_all()
+
+    # -- association life ------------------------------------------------------------------
+    def _on_open(self, event: evt.Event) -> None:
+        """Small DIMSE responses must not wait for Nagle; received data sets go to blobs."""
+        _no_delay(event)
+        assoc = event.assoc
+        if not assoc.is_acceptor:
+            return
+        inbox = _Inbox(self.archive, assoc)
+        with self._lock:
+            self._inboxes[id(assoc)] = inbox
+        inbox.install()
+
+    def _on_close(self, event: evt.Event) -> None:
+        with self._lock:
+            inbox = self._inboxes.pop(id(event.assoc), None)
+        if inbox is not None:
+            inbox.discard_all()
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Refuse callers the registry does not know (A-ASSOCIATE-RJ: calling AE title not
+        recognised), and prefer each context's first proposed transfer syntax."""
+        assoc = event.assoc
+        primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        calling = str(primitive.calling_ae_title or "").strip()
+        try:
+            known = self.settings.dicom_accept_unknown or self.registry.get(calling) is not None
+        except Exception:  # the database is down: try again later
+            log.exception("cannot check AE title %r", calling)
+            _reject(assoc, 0x02, 0x01)
+            return
+        if not known:
+            log.warning("refused association from unregistered AE title %r (%s); register "
+                        "it with `dicomshare ae add`", calling, assoc.requestor.address)
+            _reject(assoc, 0x01, 0x03)
+            return
+        _prefer_proposed(assoc)
+
+    def _inbox(self, assoc: Association) -> _Inbox | None:
+        with self._lock:
+            return self._inboxes.get(id(assoc))
+
+    # -- C-STORE ---------------------------------------------------------------------------
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        request = cast(C_STORE, event.request)
+        try:
+            temp = self._received(event)
+        except DicomshareError as exc:
+            return translate.failure(exc.failure_reason, exc.reason)
+        named = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+        check = partial(translate.check_names, named)
+        try:
+            result = self.archive.store_received([temp], check=check)[0]
+        except Exception:  # a bug, not the object: nothing is acknowledged, nothing kept
+            log.exception("C-STORE failed")
+            self.archive.blobs.discard(temp)  # type: ignore[arg-type]
+            return translate.failure(0xA700, "internal error while storing")
+        if not result.ok:
+            log.info("C-STORE from %s refused: %s", event.assoc.requestor.ae_title,
+                     result.error.reason if result.error else "")
+        return translate.store_status(result)
+
+    def _received(self, event: evt.Event) -> TempBlob:
+        """The temp blob holding the received object as a Part 10 file."""
+        data = cast(C_STORE, event.request).DataSet
+        if isinstance(data, _Sink) and data.streaming:
+            return data.take()
+        temp = self.archive.new_temp()  # not streamed: pynetdicom kept it in memory
+        try:
+            temp.write(_PREAMBLE + encode_file_meta(event.file_meta))
+            temp.write(data.getvalue() if data is not None else b"")
+        except Exception as exc:
+            self.archive.blobs.discard(temp)  # type: ignore[arg-type]
+            raise InvalidInput(f"invalid C-STORE request: {exc}") from exc
+        return temp
+
+    # -- C-FIND ----------------------------------------------------------------------------
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            root = translate.model_root(str(event.request.AffectedSOPClassUID))
+            request = translate.find_request(event.identifier, root)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            yield translate.query_failure(exc), None
+            return
+        query, offset = request.query, 0
+        while True:
+            try:
+                query.limit, query.offset = PAGE, offset
+                page = self.archive.search(query)
+                found = [translate.result_dataset(r, request, self.settings.ae_title)
+                         for r in page]
+            except Exception as exc:  # noqa: BLE001
+                yield translate.query_failure(exc), None
+                return
+            for ds in found:
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                yield PENDING, ds
+            if len(page) < PAGE:
+                return
+            offset += PAGE
+
+    # -- C-MOVE and C-GET ------------------------------------------------------------------
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        title = event.move_destination or ""
+        try:
+            peer = self.registry.get(title)
+        except Exception:  # noqa: BLE001 - the registry is unreadable: destination unknown
+            log.exception("cannot look up move destination %r", title)
+            peer = None
+        if peer is None:
+            log.warning("C-MOVE to unknown destination %r (register it with `dicomshare ae "
+                        "add`)", title)
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        try:
+            found = self._retrieve(event)
+        except Exception as exc:  # noqa: BLE001
+            yield peer.host, peer.port, {_NO_CONNECT: True}
+            yield 1
+            yield translate.query_failure(exc), None
+            return
+        yield peer.host, peer.port, {"contexts": _contexts_for(found),
+                                     "max_pdu": self.settings.dicom_max_pdu}
+        yield from self._sub_operations(event, found)
+
+    def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        _send_from_blobs(self, event.assoc)
+        try:
+            found = self._retrieve(event)
+        except Exception as exc:  # noqa: BLE001
+            yield 1
+            yield translate.query_failure(exc), None
+            return
+        yield from self._sub_operations(event, found)
+
+    def _sub_operations(self, event: evt.Event, found: list[StoredInstance]) -> Iterator[Any]:
+        yield len(found)
+        originator = str(event.assoc.requestor.ae_title).strip()
+        for inst in found:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, _Stored(inst, originator)
+
+    def _retrieve(self, event: evt.Event) -> list[StoredInstance]:
+        """The instances a C-MOVE / C-GET identifier names, in archive order, once each."""
+        root = translate.model_root(str(event.request.AffectedSOPClassUID))
+        request = translate.retrieve_request(event.identifier, root)
+        uids, level = request.uids, request.level
+        if level is Level.PATIENT:
+            conds = [Condition((0x00100020,), Kind.LIST, uids[Level.PATIENT], "LO")]
+            if request.issuer:
+                conds.append(Condition((0x00100021,), Kind.SINGLE, request.issuer, "LO"))
+            rows = self.archive.search(Query(Level.STUDY, conds))
+            places: list[tuple[str, str | None]] = [(_uid(r, "0020000D"), None) for r in rows]
+        elif level is Level.STUDY:
+            places = [(uid, None) for uid in uids[Level.STUDY]]
+        else:
+            places = self._places(request)
+        found: dict[str, StoredInstance] = {}
+        only = set(uids[Level.IMAGE]) if level is Level.IMAGE else None
+        for study, series in dict.fromkeys(places):
+            try:
+                located = self.archive.locate(study, series)
+            except NotFound:
+                continue
+            for inst, _ in located:
+                if only is None or inst.sop_uid in only:
+                    found.setdefault(inst.sop_uid, inst)
+        return list(found.values())
+
+    def _places(self, request: translate.RetrieveRequest) -> list[tuple[str, str | None]]:
+        """(study, series) of the series or instances named at SERIES / IMAGE level."""
+        level = request.level
+        above = [translate.uid_condition(translate.UNIQUE_KEY[lvl], request.uids[lvl])
+                 for lvl in (Level.STUDY, Level.SERIES)[:1 if level is Level.SERIES else 2]
+                 if lvl in request.uids]
+        places: list[tuple[str, str | None]] = []
+        for chunk in _chunks(request.uids[level]):
+            cond = translate.uid_condition(translate.UNIQUE_KEY[level], chunk)
+            for row in self.archive.search(Query(level, [*above, cond])):
+                places.append((_uid(row, "0020000D"), _uid(row, "0020000E")))
+        return places
+
+    # -- Storage Commitment ----------------------------------------------------------------
+    def _on_n_action(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """Accept the request now; answer it with N-EVENT-REPORT once the response is out."""
+        request = event.request
+        if str(getattr(request, "RequestedSOPInstanceUID", "")) != COMMITMENT_INSTANCE:
+            return translate.failure(0x0112, "not the Storage Commitment SOP Instance "
+                            f"{COMMITMENT_INSTANCE}"), None
+        if event.action_type != 1:
+            return translate.failure(0x0123, f"no action type {event.action_type} (only 1)"), None
+        try:
+            transaction, refs = translate.commitment_request(event.action_information)
+        except Exception as exc:  # noqa: BLE001
+            reason = exc.reason if isinstance(exc, DicomshareError) else str(exc)
+            return translate.failure(0x0115, f"invalid Action Information: {reason}"), None
+        assoc = event.assoc
+        report = partial(self._commitment_report, assoc, transaction, refs)
+        inbox = self._inbox(assoc)
+        if inbox is not None:
+            inbox.after_response(report)
+        else:
+            threading.Thread(target=report, daemon=True).start()
+        return SUCCESS, None
+
+    def _commitment_report(self, assoc: Association, transaction: str,
+                           refs: list[tuple[str, str]]) -> None:
+        """On the same association when it is still open, else on a new one to the AE."""
+        try:
+            info, event_type = self._commitment(transaction, refs)
+        except Exception:
+            log.exception("storage commitment %s failed", transaction)
+            return
+        if assoc.is_established and not isinstance(assoc.dul.peek_next_pdu(),
+                                                   A_RELEASE | A_ABORT | A_P_ABORT):
+            try:
+                status, _ = assoc.send_n_event_report(info, event_type, COMMITMENT,
+                                                      COMMITMENT_INSTANCE)
+                if code_to_category(status.get("Status", 0xC000)) in (STATUS_SUCCESS,
+                                                                      STATUS_WARNING):
+                    return
+                log.info("storage commitment %s: refused on this association, reporting on "
+                         "a new one", transaction)
+            except Exception:  # noqa: BLE001 - the association went away meanwhile
+                log.info("storage commitment %s: association closed, reporting on a new one",
+                         transaction)
+        calling = str(assoc.requestor.ae_title).strip()
+        threading.Thread(target=self._report_elsewhere, args=(calling, info, event_type),
+                         daemon=True).start()
+
+    def _report_elsewhere(self, calling: str, info: Dataset, event_type: int) -> None:
+        peer = self.registry.get(calling)
+        if peer is None:
+            log.warning("cannot report storage commitment to %r: it is not registered",
+                        calling)
+            return
+        assoc = self.ae.associate(peer.host, peer.port, contexts=[build_context(COMMITMENT)],
+                                  ae_title=peer.ae_title,
+                                  ext_neg=[build_role(COMMITMENT, scp_role=True)])
+        if not assoc.is_established:
+            log.warning("cannot report storage commitment to %s at %s:%d", peer.ae_title,
+                        peer.host, peer.port)
+            return
+        try:
+            assoc.send_n_event_report(info, event_type, COMMITMENT, COMMITMENT_INSTANCE)
+        finally:
+            assoc.release()
+
+    def _commitment(self, transaction: str,
+                    refs: list[tuple[str, str]]) -> tuple[Dataset, int]:
+        """PS3.4 J.3.3: event type 1 when all are safely stored, 2 when some are not
+        (0x0112 no such object instance, 0x0119 stored with another SOP class)."""
+        stored: dict[str, str] = {}
+        for chunk in _chunks(dict.fromkeys(uid for _, uid in refs)):
+            cond = translate.uid_condition(0x00080018, chunk)
+            for row in self.archive.search(Query(Level.IMAGE, [cond])):
+                stored[_uid(row, "00080018")] = _uid(row, "00080016")
+        done: list[Dataset] = []
+        failed: list[Dataset] = []
+        for sop_class, uid in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = uid
+            if uid not in stored:
+                item.FailureReason = 0x0112
+            elif stored[uid] != sop_class:
+                item.FailureReason = 0x0119
+            (failed if "FailureReason" in item else done).append(item)
+        info = Dataset()
+        info.TransactionUID = transaction
+        info.RetrieveAETitle = self.settings.ae_title
+        if done:
+            info.ReferencedSOPSequence = done
+        if failed:
+            info.FailedSOPSequence = failed
+        return info, 2 if failed else 1
+
+
+# -- receiving: data sets straight into blobs --------------------------------------------
+class _Inbox:
+    """Per association: the temp blobs being received, and work to do after a response."""
+
+    def __init__(self, archive: Archive, assoc: Association) -> None:
+        self.archive = archive
+        self.assoc = assoc
+        self.lock = threading.Lock()
+        self.open: set[_Sink] = set()
+        self._after: list[Callable[[], None]] = []
+
+    def install(self) -> None:
+        """Give each new DIMSE message a _Sink for its data set; run after-response work
+        once pynetdicom has sent the response of the request being served."""
+        dimse, assoc = self.assoc.dimse, self.assoc
+        receive, serve = dimse.receive_primitive, assoc._serve_request
+
+        def receive_primitive(primitive: Any) -> None:
+            if dimse.message is None:
+                message = DIMSEMessage()
+                message.data_set = _Sink(self, message)
+                dimse.message = message
+            receive(primitive)
+
+        def serve_request(msg: Any, context_id: int) -> None:
+            serve(msg, context_id)
+            while self._after:
+                work = self._after.pop(0)
+                assoc._is_paused = True  # lets send_* run from the reactor thread
+                try:
+                    work()
+                except Exception:
+                    log.exception("after-response work failed")
+                finally:
+                    assoc._is_paused = False
+
+        setattr(dimse, "receive_primitive", receive_primitive)  # noqa: B010
+        setattr(assoc, "_serve_request", serve_request)  # noqa: B010
+
+    def after_response(self, work: Callable[[], None]) -> None:
+        self._after.append(work)
+
+    def begin(self, sink: _Sink, message: Any) -> bool:
+        """Give a C-STORE data set a temp blob holding the Part 10 header; False for any
+        other message (or a context pynetdicom will refuse anyway)."""
+        if not isinstance(message, C_STORE_RQ):
+            return False
+        cx = self.assoc._accepted_cx.get(cast(int, message.context_id))
+        if cx is None:
+            return False
+        command = message.command_set
+        meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
+                                sop_instance_uid=command.AffectedSOPInstanceUID,
+                                transfer_syntax=cx.transfer_syntax[0])
+        header = _PREAMBLE + encode_file_meta(meta)
+        temp = self.archive.new_temp()
+        try:
+            temp.write(header)
+        except BaseException:
+            self.archive.blobs.discard(temp)  # type: ignore[arg-type]
+            raise
+        with self.lock:
+            sink.attach(temp)
+            self.open.add(sink)
+        return True
+
+    def discard_all(self) -> None:
+        """The association ended: whatever was not handed to the archive goes."""
+        with self.lock:
+            sinks, self.open = list(self.open), set()
+            for sink in sinks:
+                sink.discard()
+
+
+class _Sink(io.BytesIO):
+    """Where pynetdicom writes the data set of a received DIMSE message.
+
+    For a C-STORE the bytes go to an archive temp blob as they arrive; for anything else
+    (identifiers, N-ACTION information) they stay in memory as pynetdicom expects.
+    """
+
+    def __init__(self, inbox: _Inbox, message: Any) -> None:
+        super().__init__()
+        self._inbox = inbox
+        self._message = message
+        self._temp: TempBlob | None = None
+        self._started = False
+        self._error: str | None = None
+        self.streaming = False
+
+    def write(self, data: Any) -> int:
+        if not self._started:
+            self._started = True
+            try:
+                self.streaming = self._inbox.begin(self, self._message)
+            except Exception as exc:  # noqa: BLE001 - never break pynetdicom's reader
+                self._error = f"{type(exc).__name__}: {exc}"
+                self.streaming = True
+                log.warning("cannot receive a C-STORE data set: %s", self._error)
+        if not self.streaming:
+            return super().write(data)
+        with self._inbox.lock:
+            if self._temp is not None and self._error is None:
+                try:
+                    self._temp.write(bytes(data))
+                except Exception as exc:  # noqa: BLE001 - disk full: report it in the status
+                    self._error = f"{type(exc).__name__}: {exc}"
+        return len(data)
+
+    def take(self) -> TempBlob:
+        """Hand the complete blob to the caller (who now owns it); raises when it is gone."""
+        with self._inbox.lock:
+            self._inbox.open.discard(self)
+            temp, self._temp = self._temp, None
+            error = self._error
+        if temp is None or error is not None:
+            if temp is not None:
+                self._inbox.archive.blobs.discard(temp)  # type: ignore[arg-type]
+            raise StorageFailure(f"could not receive the data set: {error or 'association ended'}")
+        return temp
+
+    def attach(self, temp: TempBlob) -> None:
+        """Called with the inbox lock held: the blob receiving this data set."""
+        if self._error is None:
+            self._temp = temp
+        else:  # the association ended meanwhile
+            self._inbox.archive.blobs.discard(temp)  # type: ignore[arg-type]
+
+    def discard(self) -> None:
+        """Called with the inbox lock held."""
+        if self._temp is not None:
+            self._inbox.archive.blobs.discard(self._temp)  # type: ignore[arg-type]
+            self._temp = None
+        self._error = self._error or "association ended"
+
+
+# -- sending: stored bytes ---------------------------------------------------------------
+class _Stored(Dataset):
+    """A stored instance in pynetdicom's retrieve loop (which wants a Dataset); the
+    association's send_c_store (see _send_from_blobs) sends it from its blob."""
+
+    def __init__(self, inst: StoredInstance, originator: str) -> None:
+        super().__init__()
+        self.SOPClassUID = inst.sop_class_uid
+        self.SOPInstanceUID = inst.sop_uid
+        self.instance = inst
+        self.originator = originator
+
+
+class _NotConnected:
+    """Stands in for the C-MOVE destination association when the request already failed."""
+
+    is_established = True
+
+    def release(self) -> None:
+        pass
+
+
+class _ArchiveAE(AE):
+    """pynetdicom's AE; associations it opens send stored instances from their blobs."""
+
+    def __init__(self, service: DicomService, ae_title: str) -> None:
+        super().__init__(ae_title)
+        self._service = service
+
+    def associate(self, *args: Any, **kwargs: Any) -> Association:
+        if kwargs.pop(_NO_CONNECT, False):
+            return cast(Association, _NotConnected())
+        kwargs["evt_handlers"] = [*(kwargs.get("evt_handlers") or []),
+                                  (evt.EVT_CONN_OPEN, _no_delay)]
+        kwargs.setdefault("max_pdu", self._service.settings.dicom_max_pdu)
+        assoc = super().associate(*args, **kwargs)
+        _send_from_blobs(self._service, assoc)
+        return assoc
+
+
+def _send_from_blobs(service: DicomService, assoc: Association) -> None:
+    """Make this association's send_c_store send _Stored instances from their blobs."""
+    original = assoc.send_c_store
+    if getattr(original, "func", None) is _send_stored:
+        return
+    setattr(assoc, "send_c_store", partial(_send_stored, service, assoc, original))  # noqa: B010
+
+
+def _send_stored(service: DicomService, assoc: Association, original: Callable[..., Dataset],
+                 dataset: Any, msg_id: int = 1, priority: int = 2,
+                 originator_aet: str | None = None, originator_id: int | None = None
+                 ) -> Dataset:
+    if not isinstance(dataset, _Stored):
+        return original(dataset, msg_id, priority, originator_aet, originator_id)
+    inst = dataset.instance
+    if originator_aet is not None:  # pynetdicom names itself; PS3.7 wants the requestor
+        originator_aet = dataset.originator or originator_aet
+    contexts = [cx for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == inst.sop_class_uid and cx.as_scu]
+    exact = next((cx for cx in contexts if cx.transfer_syntax[0] == inst.transfer_syntax_uid),
+                 None)
+    send = partial(_c_store, assoc, inst, msg_id, priority, originator_aet, originator_id)
+    with service.archive.blobs.local_path(inst.blob_key) as path:
+        if exact is not None:
+            return send(exact, path)
+        native = next((cx for cx in contexts if cx.transfer_syntax[0] in NATIVE), None)
+        if native is None:
+            raise ValueError(f"the peer accepted no context for {inst.sop_class_uid} in "
+                             f"{transfer.name(inst.transfer_syntax_uid)} or uncompressed")
+        with tempfile.NamedTemporaryFile(suffix=".dcm") as converted:
+            pixels.transcode_to(path, str(native.transfer_syntax[0]), cast(BinaryIO, converted))
+            converted.flush()
+            return send(native, Path(converted.name))
+
+
+def _c_store(assoc: Association, inst: StoredInstance, msg_id: int, priority: int,
+             originator_aet: str | None, originator_id: int | None,
+             context: PresentationContext, path: Path) -> Dataset:
+    """Association.send_c_store for a file whose data set is sent as it is on disk."""
+    _, offset = split_dataset(path)
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.Priority = priority
+    request.AffectedSOPClassUID = inst.sop_class_uid
+    request.AffectedSOPInstanceUID = inst.sop_uid
+    request.MoveOriginatorApplicationEntityTitle = originator_aet
+    request.MoveOriginatorMessageID = originator_id
+    request._dataset_path = (path, offset)
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: hold the reactor
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, cast(int, context.context_id))
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(response)
+
+
+def _contexts_for(found: list[StoredInstance]) -> list[PresentationContext]:
+    """Each stored (SOP class, transfer syntax) first, then uncompressed fallbacks."""
+    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
+    contexts = [build_context(sop_class, ts) for sop_class, ts in pairs]
+    contexts += [build_context(sop_class, list(NATIVE))
+                 for sop_class in dict.fromkeys(sop_class for sop_class, _ in pairs)]
+    return contexts[:MAX_CONTEXTS]
+
+
+# -- helpers ------------------------------------------------------------------------------
+# Every public syntax, compressed ones first: a proposer that offers its native syntax
+# beside uncompressed fallbacks gets the native one (see _prefer_proposed for the order).
+STORAGE_SYNTAXES = sorted((str(uid) for uid in AllTransferSyntaxes),
+                          key=lambda uid: transfer.is_native(uid))
+
+
+class _Contexts(list[PresentationContext]):
+    """The supported contexts, which pynetdicom deep-copies for every association (35 ms
+    for ~200 contexts of ~40 syntaxes each). Only the transfer syntax lists change per
+    association (_prefer_proposed) and UIDs are immutable: copy the lists, not the UIDs."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        out = []
+        for cx in self:
+            clone = copy.copy(cx)
+            clone._transfer_syntax = list(cx._transfer_syntax)
+            out.append(clone)
+        return out
+
+
+def _prefer_proposed(assoc: Association) -> None:
+    """pynetdicom gives each context the first syntax of *our* list that it offers; order
+    our list (for this association) so that this is the proposer's first choice."""
+    proposed: dict[str, list[list[str]]] = {}
+    primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+    for cx in primitive.presentation_context_definition_list:
+        proposed.setdefault(str(cx.abstract_syntax), []).append(
+            [str(ts) for ts in cx.transfer_syntax])
+    for cx in assoc.acceptor.supported_contexts:
+        lists = proposed.get(str(cx.abstract_syntax))
+        if lists:
+            order = _syntax_order(lists, [str(ts) for ts in cx.transfer_syntax])
+            cx.transfer_syntax = [UID(ts) for ts in order]
+
+
+def _syntax_order(proposals: list[list[str]], ours: list[str]) -> list[str]:
+    """Our syntaxes, each proposal's first one before its others as far as the proposals
+    agree (a context may offer the same syntax as another, in another order: the same
+    abstract syntax in several contexts, one per stored syntax, is common)."""
+    lists = [offered for p in proposals if (offered := [ts for ts in p if ts in ours])]
+    nodes = list(dict.fromkeys(ts for offered in lists for ts in offered))
+    later: dict[str, set[str]] = {ts: set() for ts in nodes}
+    for first, *rest in lists:
+        later[first].update(ts for ts in rest if ts != first)
+    waiting = {ts: sum(ts in after for after in later.values()) for ts in nodes}
+    order: list[str] = []
+    while nodes:  # topological order; on a cycle, the earliest proposed goes first
+        ts = next((t for t in nodes if waiting[t] == 0), nodes[0])
+        nodes.remove(ts)
+        order.append(ts)
+        for t in later[ts]:
+            waiting[t] -= 1
+    return order + [ts for ts in ours if ts not in order]
+
+
+def _reject(assoc: Association, result: int, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ from the service user (PS3.8 9.3.4): 0x01 permanent, 0x02 transient;
+    diagnostic 0x03 calling AE title not recognised, 0x01 no reason given."""
+    assoc.acse.send_reject(result, 0x01, diagnostic)
+    assoc.kill()
+
+
+def _no_delay(event: evt.Event) -> None:
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _chunks(values: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """UID lists in pieces an IN (...) clause takes on every database."""
+    it = iter(values)
+    while chunk := tuple(islice(it, PAGE)):
+        yield chunk
+
+
+def _uid(row: dict[str, Any], tag: str) -> str:
+    return str(row[tag]["Value"][0])

@@ -1,0 +1,187 @@
+"""JSON API under ``/api``: the registered DICOM peers, and sending to, querying and
+retrieving from them (coordination of care with other archives).
+
+Every route needs a bearer token; any user may list peers, query, send and retrieve,
+only administrators change the registry. The DIMSE work runs synchronously in the
+threadpool and the response comes when it is done: a large study holds one worker thread
+(and the client) for as long as the transfer takes. Unknown peer or study: 404; a peer we
+cannot associate with, or that fails a query: 502.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from dicomshare.access.identity import Principal
+from dicomshare.archive import Archive
+from dicomshare.config import Settings
+from dicomshare.dimse import scu
+from dicomshare.dimse.aes import AERegistry, RemoteAE
+from dicomshare.web.app import admin, principal
+
+router = APIRouter(tags=["DICOM peers"])
+Caller = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]
+
+
+class RemoteAEModel(BaseModel):
+    ae_title: str
+    host: str
+    port: int
+    description: str | None = None
+
+
+class RemoteAEUpdate(BaseModel):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    description: str | None = None
+
+
+class FindRequest(BaseModel):
+    level: Literal["patient", "study", "series", "image"] = "study"
+    model: Literal["study", "patient"] | None = Field(
+        None, description="information model; default patient for level patient, else study")
+    keys: dict[str, str] = Field(
+        default_factory=dict, description="keyword or 8-digit tag -> matching value "
+        "(wildcards, ranges); an empty value asks for the attribute",
+        examples=[{"PatientName": "DOE*", "StudyDate": "20240101-"}])
+
+
+class RetrieveRequest(BaseModel):
+    study_uids: list[str] = Field(min_length=1)
+    method: Literal["move", "get"] = Field(
+        "move", description="move: the peer sends to our AE title and must know it; get: "
+        "the instances come back on the same association")
+
+
+class SendRequest(BaseModel):
+    destination: str = Field(min_length=1, description="registered AE title")
+    study_uids: list[str] = Field(min_length=1)
+
+
+class InstanceResultModel(BaseModel):
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str = Field(description="as stored")
+    sent_as: str | None = Field(description="transfer syntax on the wire; null if not sent")
+    outcome: str = Field(description="success, warning or failure")
+    status: int | None = Field(description="the peer's C-STORE status; null if none")
+    comment: str = Field(description="the peer's ErrorComment, or why it was not sent")
+
+
+class SendResponse(BaseModel):
+    destination: str
+    succeeded: int
+    warnings: int
+    failed: int
+    error: str | None = Field(description="why the association ended early, if it did")
+    instances: list[InstanceResultModel]
+
+
+class RefusedModel(BaseModel):
+    sop_instance_uid: str
+    reason: str
+
+
+class StudyRetrieveModel(BaseModel):
+    study_uid: str
+    method: Literal["move", "get"]
+    outcome: str
+    status: int | None = Field(description="the peer's final status; null if none came")
+    comment: str
+    completed: int
+    failed: int
+    warning: int
+    stored: int = Field(description="get: instances new to this archive")
+    already_present: int = Field(description="get: identical instances stored before")
+    refused: list[RefusedModel] = Field(description="get: instances this archive refused")
+
+
+class RetrieveResponse(BaseModel):
+    source: str
+    studies: list[StudyRetrieveModel]
+
+
+def _context(request: Request) -> tuple[Archive, Settings, AERegistry]:
+    archive: Archive = request.app.state.archive
+    return archive, request.app.state.settings, AERegistry(archive.index.engine)
+
+
+def _model(ae: RemoteAE) -> RemoteAEModel:
+    return RemoteAEModel(ae_title=ae.ae_title, host=ae.host, port=ae.port,
+                         description=ae.description)
+
+
+@router.get("/remote-aes", response_model=list[RemoteAEModel])
+async def list_remote_aes(request: Request, _who: Caller) -> list[RemoteAEModel]:
+    _, _, registry = _context(request)
+    return [_model(ae) for ae in await run_in_threadpool(registry.all)]
+
+
+@router.put("/remote-aes/{title}", response_model=RemoteAEModel)
+async def put_remote_ae(request: Request, title: str, body: RemoteAEUpdate,
+                        _who: Admin) -> RemoteAEModel:
+    """Register a peer, or change one (administrators only)."""
+    _, _, registry = _context(request)
+    ae = await run_in_threadpool(registry.add, title, body.host, body.port, body.description,
+                                 True)
+    return _model(ae)
+
+
+@router.delete("/remote-aes/{title}", status_code=204)
+async def delete_remote_ae(request: Request, title: str, _who: Admin) -> Response:
+    """Forget a peer (administrators only)."""
+    _, _, registry = _context(request)
+    await run_in_threadpool(registry.remove, title)
+    return Response(status_code=204)
+
+
+@router.post("/remote-aes/{title}/find", response_model=list[dict[str, Any]])
+async def remote_find(request: Request, title: str, body: FindRequest,
+                      _who: Caller) -> list[dict[str, Any]]:
+    """C-FIND on the peer; each match as DICOM JSON (PS3.18 F.2)."""
+    _, settings, registry = _context(request)
+    peer = await run_in_threadpool(registry.require, title)
+    return await run_in_threadpool(scu.find, settings, peer, body.level, body.keys,
+                                   body.model)
+
+
+@router.post("/remote-aes/{title}/retrieve", response_model=RetrieveResponse)
+async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
+                          _who: Caller) -> RetrieveResponse:
+    """C-MOVE (to our AE title) or C-GET studies into this archive; 200 with a report per
+    study, whatever each study's outcome."""
+    archive, settings, registry = _context(request)
+    peer = await run_in_threadpool(registry.require, title)
+    reports = await run_in_threadpool(scu.retrieve, archive, settings, peer, body.study_uids,
+                                      body.method)
+    return RetrieveResponse(source=peer.ae_title, studies=[
+        StudyRetrieveModel(
+            study_uid=r.study_uid, method=body.method, outcome=r.outcome, status=r.status,
+            comment=r.comment, completed=r.completed, failed=r.failed, warning=r.warning,
+            stored=r.stored, already_present=r.already_present,
+            refused=[RefusedModel(sop_instance_uid=u, reason=why) for u, why in r.refused])
+        for r in reports])
+
+
+@router.post("/send", response_model=SendResponse)
+async def send(request: Request, body: SendRequest, _who: Caller) -> SendResponse:
+    """C-STORE every instance of the studies to a registered peer, as stored; 200 with a
+    result per instance, whatever each outcome."""
+    archive, settings, registry = _context(request)
+    peer = await run_in_threadpool(registry.require, body.destination)
+    report = await run_in_threadpool(scu.send, archive, settings, peer, body.study_uids)
+    return SendResponse(
+        destination=peer.ae_title, succeeded=report.count("success"),
+        warnings=report.count("warning"), failed=report.count("failure"), error=report.error,
+        instances=[InstanceResultModel(
+            sop_instance_uid=r.sop_uid, sop_class_uid=r.sop_class_uid, study_uid=r.study_uid,
+            series_uid=r.series_uid, transfer_syntax_uid=r.transfer_syntax_uid,
+            sent_as=r.sent_as, outcome=r.outcome,
+            status=r.status, comment=r.comment) for r in report.instances])
