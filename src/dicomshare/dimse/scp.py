@@ -593,6 +593,7 @@ class _ArchiveAE(AE):
         kwargs.setdefault("max_pdu", self._service.settings.dicom_max_pdu)
         assoc = super().associate(*args, **kwargs)
         _send_from_blobs(self._service, assoc)
+        assoc._dicomshare_outbound = True  # type: ignore[attr-defined]
         return assoc
 
 
@@ -644,18 +645,40 @@ def _c_store(assoc: Association, inst: StoredInstance, msg_id: int, priority: in
     request.MoveOriginatorApplicationEntityTitle = originator_aet
     request.MoveOriginatorMessageID = originator_id
     request._dataset_path = (path, offset)
-    assoc._reactor_checkpoint.clear()  # as send_c_store does: hold the reactor
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    outbound = getattr(assoc, "_dicomshare_outbound", False)
+    if not outbound or not getattr(assoc, "_dicomshare_held", False):
+        _hold_reactor(assoc, robust=outbound)
     try:
         assoc.dimse.send_msg(request, cast(int, context.context_id))
         _, response = assoc.dimse.get_msg(block=True)
     finally:
-        assoc._reactor_checkpoint.set()
+        if not outbound:
+            assoc._reactor_checkpoint.set()
     if response is None:
         assoc._handle_no_response()
-        return Dataset()
+        failed = Dataset()
+        failed.Status = 0xA700  # the retrieve loop counts it as a failed sub-operation
+        return failed
     return assoc._check_received_status(response)
+
+
+def _hold_reactor(assoc: Association, robust: bool) -> None:
+    """Stop the association's reactor from reading the responses we wait for.
+
+    pynetdicom's own pause (clear, then wait for ``_is_paused``) can pass while the
+    reactor is between its flag and its wait, and the reactor then swallows a C-STORE
+    response ("unexpected C-STORE service message"; the sub-operation hangs until the
+    DIMSE timeout). On associations we opened for C-MOVE the reactor has nothing else to
+    do, so it is held once, checked twice, and stays held until the release (which
+    resumes it)."""
+    assoc._reactor_checkpoint.clear()
+    for _ in range(2 if robust else 1):
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        if robust:
+            time.sleep(0.005)  # longer than one reactor iteration
+    if robust:
+        assoc._dicomshare_held = True  # type: ignore[attr-defined]
 
 
 def _contexts_for(found: list[StoredInstance]) -> list[PresentationContext]:
