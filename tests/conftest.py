@@ -190,9 +190,13 @@ class Server:
         return self.cli("tokens", "create", user).stdout.strip()
 
 
-def make_server(tmp: Path, env: dict[str, str] | None = None) -> Server:
+def make_server(tmp: Path, env: dict[str, str] | None = None,
+                ae_title: str = "DICOMSHARE") -> Server:
     data_dir = tmp / "data"
-    server = Server(data_dir, free_port(), "", env=env or {})
+    # The title goes in the environment too: `send` and `remote` run as separate commands
+    # and must call peers with the server's own title.
+    server = Server(data_dir, free_port(), "", env={"DICOMSHARE_AE_TITLE": ae_title,
+                                                    **(env or {})}, ae_title=ae_title)
     server.cli("users", "create", "tester", "--org", "test", "--role", "admin",
                "--password-stdin", stdin="correct horse battery\n")
     server.token = server.cli("tokens", "create", "tester").stdout.strip()
