@@ -58,6 +58,26 @@ def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], b
     return parts
 
 
+def make_file(folder: Path, base: str = "CT_small.dcm", study: str | None = None,
+              series: str | None = None, sop: str | None = None, **attrs: object) -> Path:
+    """A copy of a pydicom test file with new (or given) UIDs and some attributes set:
+    a new instance, as a Part 10 file in ``folder``."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file(base))
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for name, value in attrs.items():
+        setattr(ds, name, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def testdata(name: str) -> str:
     """Path of a pydicom or pydicom-data sample file; skips when it is not installed."""
     from pydicom.data import get_testdata_file

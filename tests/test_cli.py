@@ -8,10 +8,8 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import uuid
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pydicom
@@ -25,6 +23,7 @@ from conftest import (
     Server,
     cli,
     drop_postgres_schema,
+    make_file,
     parseable_files,
     postgres_schema_url,
 )
@@ -33,21 +32,6 @@ from dicomshare.errors import DicomshareError
 
 SUMMARY = re.compile(r"^stored: (\d+)  already present: (\d+)  rejected: (\d+)$", re.M)
 PASSWORD = "correct horse battery"
-
-
-def make_file(folder: Path, base: str = "CT_small.dcm", **attrs: Any) -> Path:
-    """A copy of a pydicom test file with new UIDs (so a new instance)."""
-    ds = dcmread(get_testdata_file(base))
-    ds.StudyInstanceUID = attrs.pop("study", None) or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    for name, value in attrs.items():
-        setattr(ds, name, value)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex[:8]}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
 
 def summary(result: subprocess.CompletedProcess[str]) -> tuple[int, int, int]:
     match = SUMMARY.search(result.stdout)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import Server, make_server, split_multipart
+from conftest import Server, make_file, make_server, split_multipart
 
 ANY_TS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -37,14 +36,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Se
 
 
 def study_file(folder: Path, base: str, patient_id: str, study: str) -> Path:
-    ds = pydicom.dcmread(get_testdata_file(base))
-    ds.PatientID, ds.PatientName, ds.StudyInstanceUID = patient_id, "SHARED^PATIENT", study
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return make_file(folder, base, study=study, PatientID=patient_id,
+                     PatientName="SHARED^PATIENT")
 
 
 def stored_bytes(server: Server, study: str) -> dict[str, bytes]:

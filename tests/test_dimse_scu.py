@@ -21,11 +21,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
-from conftest import Server, free_port
+from conftest import Server, free_port, make_file
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -37,21 +36,6 @@ SENT = "sent: {}  warning: {}  failed: {}"
 
 
 # -- helpers --------------------------------------------------------------------------------
-def make_file(folder: Path, base: str = "CT_small.dcm", study: str | None = None,
-              **attrs: str) -> Path:
-    """A copy of a pydicom test file with new instance and series UIDs, in ``study``."""
-    ds = pydicom.dcmread(get_testdata_file(base))
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    for name, value in attrs.items():
-        setattr(ds, name, value)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex[:8]}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def dataset_bytes(path: Path) -> bytes:
     """The encoded data set, without preamble and file meta (each side writes its own)."""
     _, offset = split_dataset(path)

@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import config, dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
+from conftest import make_file
 from dicomshare.archive import Archive
 from dicomshare.config import load_settings
 from dicomshare.dicom.attributes import Level
@@ -29,23 +28,6 @@ from dicomshare.storage.base import Outcome
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
-
-
-def make_file(folder: Path, base: str = "CT_small.dcm", *, study: str | None = None,
-              series: str | None = None, sop: str | None = None, **attrs: Any) -> Path:
-    """A copy of a pydicom test file with new (or given) UIDs and some attributes set."""
-    ds = dcmread(get_testdata_file(base))
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = series or generate_uid()
-    ds.SOPInstanceUID = sop or generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for name, value in attrs.items():
-        setattr(ds, name, value)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
