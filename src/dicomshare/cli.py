@@ -185,7 +185,10 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
             uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
                         **options)
         else:
-            uvicorn.run(create_app(settings, archive), **options)
+            app = create_app(settings, archive)
+            if dicom is not None:
+                app.state.shutdown_hooks.append(dicom.stop)
+            uvicorn.run(app, **options)
     finally:
         if dicom is not None:
             dicom.stop()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,8 +43,18 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     sys.setswitchinterval(0.0005)
     archive = archive or Archive.open(settings)
     identities = Identities(archive.index.engine)
-    app = FastAPI(title="dicomshare", version=__version__,
+    shutdown_hooks: list[Callable[[], None]] = []
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
+        for hook in shutdown_hooks:
+            hook()
+
+    app = FastAPI(title="dicomshare", version=__version__, lifespan=lifespan,
                   description="Medical-imaging sharing server: DICOMweb (PS3.18) and more.")
+    app.state.shutdown_hooks = shutdown_hooks
     app.state.settings = settings
     app.state.archive = archive
     app.state.identities = identities
