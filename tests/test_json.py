@@ -19,8 +19,24 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from conftest import test_files as dicom_files
-from dicomshare.dicom.header import _json_elements
 from dicomshare.dicom.json import dataset_to_json
+
+
+def _json_elements(ds: Dataset, threshold: int) -> dict[str, Any]:
+    """The reference: pydicom's own encoder, element by element (what ingest used before
+    dataset_to_json); elements whose value does not convert are left out.
+
+    Not ``Dataset.to_json_dict(suppress_invalid_tags=True)``: that switches pydicom to strict
+    reading process-wide while it runs, which races with other threads (and can leave the
+    process strict), and it drops values that are merely non-conformant (LO > 64 chars).
+    """
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        try:
+            out[f"{int(tag):08X}"] = ds[tag].to_json_dict(None, threshold)
+        except Exception:  # noqa: BLE001 - an unconvertible value is left out, as before
+            continue
+    return out
 
 FILES = dicom_files()
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}

@@ -84,14 +84,6 @@ DEFAULT_RETURN = {
     ),
 }
 
-# Which level a stored (non-computed) attribute belongs to, for joins across levels.
-LEVEL_OF: dict[str, Level] = {
-    **{k: Level.STUDY for k in PATIENT_KEYS + STUDY_KEYS},
-    **{k: Level.SERIES for k in SERIES_KEYS},
-    **{k: Level.IMAGE for k in INSTANCE_KEYS},
-    **{k: lvl for lvl, keys in COMPUTED_KEYS.items() for k in keys if lvl != Level.PATIENT},
-}
-
 # Modules copied into a study's / series' stored attribute set (for includefield=all and
 # matching on attributes that have no column). Group 0x0010 is the Patient module.
 STUDY_GROUPS = (0x0010,)

@@ -167,22 +167,6 @@ def _take_bulk(ds: Dataset, threshold: int, file_size: int | None) -> dict[int, 
     return bulk
 
 
-def _json_elements(ds: Dataset, threshold: int) -> dict[str, Any]:
-    """DICOM JSON of every top-level element whose value converts; the others are left out.
-
-    Not ``Dataset.to_json_dict(suppress_invalid_tags=True)``: that switches pydicom to strict
-    reading process-wide while it runs, which races with other threads (and can leave the
-    process strict), and it drops values that are merely non-conformant (LO > 64 chars).
-    """
-    out: dict[str, Any] = {}
-    for tag in ds.keys():
-        try:
-            out[tag_hex(int(tag))] = ds[tag].to_json_dict(None, threshold)
-        except Exception:  # noqa: BLE001 - an unconvertible value is left out, as before
-            continue
-    return out
-
-
 def _subset(metadata: dict[str, Any], keep: Any) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if keep(int(k, 16))}
 

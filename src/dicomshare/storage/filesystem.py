@@ -88,9 +88,6 @@ class FilesystemBlobStore:
         """Let the fsync of a received blob run while its header is parsed."""
         temp.start_sync(_POOL if self.fsync else None)
 
-    def commit(self, temp: FileTemp) -> str:
-        return self.commit_many([temp])[0]
-
     def commit_many(self, temps: list[FileTemp]) -> list[str]:
         """Make blobs durable under their keys: fsync each (in parallel), rename it into
         place, then fsync each folder once. Raises StorageFailure (and discards them all)."""
