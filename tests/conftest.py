@@ -204,7 +204,7 @@ class Server:
             check: bool = True) -> subprocess.CompletedProcess[str]:
         return cli(self.data_dir, *args, stdin=stdin, env=self.env, check=check)
 
-    def new_token(self, user: str, role: str = "member") -> str:
+    def new_token(self, user: str, role: str = "clinician") -> str:
         self.cli("users", "create", user, "--org", "test", "--role", role,
                  "--password-stdin", stdin="correct horse battery\n")
         return self.cli("tokens", "create", user).stdout.strip()

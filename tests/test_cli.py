@@ -226,12 +226,12 @@ def test_import_into_postgresql(tmp_path: Path) -> None:
 # -- users and tokens ----------------------------------------------------------------------
 def test_users_create_stores_an_argon2_hash(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    cli(data_dir, "users", "create", "alice", "--org", "clinic", "--role", "member",
+    cli(data_dir, "users", "create", "alice", "--org", "clinic", "--role", "clinician",
         "--password-stdin", stdin=PASSWORD + "\n")
     with sqlite3.connect(data_dir / "index.db") as db:
         [(hashed, role)] = db.execute(
             "SELECT password_hash, role FROM user_account WHERE name = 'alice'").fetchall()
-    assert hashed.startswith("$argon2") and role == "member"
+    assert hashed.startswith("$argon2") and role == "clinician"
     assert PASSWORD.encode() not in (data_dir / "index.db").read_bytes()
     from argon2 import PasswordHasher
 
@@ -240,7 +240,7 @@ def test_users_create_stores_an_argon2_hash(tmp_path: Path) -> None:
     dup = cli(data_dir, "users", "create", "alice", "--org", "clinic", "--role", "admin",
               "--password-stdin", stdin="another password\n", check=False)
     assert dup.returncode != 0 and "already exists" in dup.stderr
-    short = cli(data_dir, "users", "create", "bob", "--org", "clinic", "--role", "member",
+    short = cli(data_dir, "users", "create", "bob", "--org", "clinic", "--role", "clinician",
                 "--password-stdin", stdin="short\n", check=False)
     assert short.returncode != 0 and "8 characters" in short.stderr
     bad_role = cli(data_dir, "users", "create", "carol", "--org", "clinic", "--role", "root",
@@ -252,7 +252,7 @@ def test_users_create_stores_an_argon2_hash(tmp_path: Path) -> None:
 
 def test_tokens_create_list_revoke(fresh_server: Server) -> None:
     srv = fresh_server
-    srv.cli("users", "create", "dora", "--org", "test", "--role", "member",
+    srv.cli("users", "create", "dora", "--org", "test", "--role", "clinician",
             "--password-stdin", stdin=PASSWORD + "\n")
     created = srv.cli("tokens", "create", "dora", "--name", "laptop")
     lines = created.stdout.splitlines()

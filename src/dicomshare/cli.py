@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from dicomshare import __version__
+from dicomshare.access.policy import ROLES
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings, load_settings, settings_environment
 from dicomshare.errors import DicomshareError
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     create = users.add_parser("create", help="create a user")
     create.add_argument("name")
     create.add_argument("--org", required=True, help="organisation (created if new)")
-    create.add_argument("--role", required=True, choices=["admin", "member"])
+    create.add_argument("--role", required=True, choices=list(ROLES))
     create.add_argument("--password-stdin", action="store_true",
                         help="read the password from standard input")
 

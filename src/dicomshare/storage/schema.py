@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -109,6 +111,10 @@ user = Table(
     Column("role", String(32), nullable=False),
     Column("password_hash", String(200)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Site-wide: may create organisations and act in every one.
+    Column("superuser", Boolean, nullable=False, server_default=false()),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("oidc_subject", String(255), unique=True),  # "issuer|sub" of a linked login
 )
 
 token = Table(
@@ -123,6 +129,8 @@ token = Table(
     Column("expires_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
     Column("last_used_at", DateTime(timezone=True)),
+    # Comma-separated subset of access.policy.SCOPES; a token never exceeds its user's role.
+    Column("scopes", String(100), nullable=False, server_default="read,write,share,admin"),
 )
 
 remote_ae = Table(
@@ -133,7 +141,108 @@ remote_ae = Table(
     Column("host", String(255), nullable=False),
     Column("port", Integer, nullable=False),
     Column("description", Text),
-    # Who may connect from this AE and who owns what it stores (the access issue fills it).
+    # Who may connect from this AE and who owns what it stores. NULL: a destination only.
     Column("organisation_pk", Integer, ForeignKey("organisation.pk")),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("scopes", String(100), nullable=False, server_default="read,write"),
+)
+
+# -- ownership and grants (access/policy.py) ------------------------------------------------
+
+instance_owner = Table(
+    "instance_owner",
+    metadata,
+    # An instance belongs to every organisation that stored it (identical bytes stored by a
+    # second organisation make it a co-owner: it holds the data already).
+    Column("instance_pk", Integer, ForeignKey("instance.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), primary_key=True),
+    Index("ix_instance_owner_org", "organisation_pk", "instance_pk"),
+)
+
+study_owner = Table(
+    "study_owner",
+    metadata,
+    # Derived from instance_owner (kept in step by ingest and delete): makes "studies my
+    # organisation owns something in" one index lookup for QIDO and C-FIND.
+    Column("study_pk", Integer, ForeignKey("study.pk", ondelete="CASCADE"), primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), primary_key=True),
+    Index("ix_study_owner_org", "organisation_pk", "study_pk"),
+)
+
+access_grant = Table(
+    "access_grant",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    # The organisation whose instances the grant opens (the grantor, or the original
+    # grantor of a re-shared grant).
+    Column("source_organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("grantee_organisation_pk", Integer, ForeignKey("organisation.pk")),
+    Column("grantee_user_pk", Integer, ForeignKey("user_account.pk")),
+    # Either a study or all studies of a patient (PatientID + IssuerOfPatientID).
+    Column("study_instance_uid", String(64)),
+    Column("patient_id", Text),
+    Column("issuer_of_patient_id", Text),
+    Column("permissions", String(100), nullable=False),  # comma-separated policy.GRANT_PERMISSIONS
+    Column("parent_pk", Integer, ForeignKey("access_grant.pk")),  # the grant re-shared
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index("ix_grant_study", "study_instance_uid"),
+    Index("ix_grant_patient", "patient_id"),
+    Index("ix_grant_grantee_org", "grantee_organisation_pk"),
+    Index("ix_grant_grantee_user", "grantee_user_pk"),
+)
+
+# -- sessions and login throttling (access/sessions.py) -------------------------------------
+
+browser_session = Table(
+    "browser_session",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", Integer, ForeignKey("user_account.pk", ondelete="CASCADE"), nullable=False),
+    Column("secret_hash", String(64), nullable=False, unique=True),  # sha256 of the cookie
+    Column("csrf_hash", String(64), nullable=False),  # sha256 of the CSRF token
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("source", String(255)),
+)
+
+login_failure = Table(
+    "login_failure",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("user_name", String(200)),
+    Column("source", String(255)),
+    Index("ix_login_failure_user", "user_name", "at"),
+    Index("ix_login_failure_source", "source", "at"),
+)
+
+# -- audit trail (access/audit.py) ------------------------------------------------------------
+
+audit_event = Table(
+    "audit_event",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False, unique=True),  # gapless: 1, 2, 3, ...
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("action", String(64), nullable=False),  # e.g. "study.retrieve", "login"
+    Column("outcome", String(16), nullable=False),  # success | denied | failure
+    Column("actor_user", String(200)),
+    Column("actor_organisation_pk", Integer),
+    Column("actor_kind", String(16)),  # token | session | ae | cli | link
+    Column("source", String(255)),  # client address or calling AE title
+    Column("patient_id", Text),
+    Column("study_instance_uid", String(64)),
+    Column("data_organisations", Text),  # ",1,3,": organisations whose data was touched
+    Column("details", Text, nullable=False),  # JSON
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_at", "at"),
+    Index("ix_audit_actor", "actor_user"),
+    Index("ix_audit_patient", "patient_id"),
+    Index("ix_audit_study", "study_instance_uid"),
 )
