@@ -44,6 +44,24 @@ class Settings:
     dicom_max_associations: int = 16
     dicom_timeout: int = 60  # seconds: ACSE, DIMSE and network timeouts
     log_level: str = "info"
+    # Access and audit (docs/security.md).
+    # Key of the audit trail's HMAC chain; empty: <data_dir>/secrets/audit.key (made once).
+    # Several servers sharing one PostgreSQL must share this key.
+    audit_key: str = ""
+    # Forward each audit record to a syslog collector (RFC 5424): udp://host:port or
+    # tcp://host:port; empty: no forwarding.
+    audit_syslog: str = ""
+    session_hours: int = 12  # browser session lifetime
+    # Session cookies carry the Secure flag (HTTPS only); turn off only for plain-HTTP tests.
+    secure_cookies: bool = True
+    login_max_failures: int = 5  # failed logins of one user before it is locked ...
+    login_lockout_minutes: int = 15  # ... for this long
+    login_max_failures_per_source: int = 20  # failed logins from one address per lockout window
+    # OpenID Connect (optional): a hospital's own identity provider.
+    oidc_issuer: str = ""  # e.g. https://login.example.org/realms/hospital; empty: disabled
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    oidc_username_claim: str = "preferred_username"  # claim naming the local user
 
     @property
     def blob_dir(self) -> Path:
