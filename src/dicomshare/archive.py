@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dicomshare.access.policy import EVERYTHING, Visibility
 from dicomshare.config import Settings
 from dicomshare.dicom.header import Header, read_header
 from dicomshare.dicom.matching import Query
 from dicomshare.errors import (
     DicomshareError,
     DuplicateConflict,
+    Forbidden,
     NotFound,
     StorageFailure,
     StudyMismatch,
@@ -53,6 +55,8 @@ class StoreResult:
     series_uid: str | None = None
     outcome: Outcome | None = None
     error: DicomshareError | None = None
+    patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -96,12 +100,16 @@ class Archive:
         return self.blobs.new_temp()
 
     def store_received(self, temps: Iterable[TempBlob], study_uid: str | None = None,
-                       check: Callable[[Header], None] | None = None) -> list[StoreResult]:
+                       check: Callable[[Header], None] | None = None,
+                       owner: int | None = None, store_access: Visibility | None = None
+                       ) -> list[StoreResult]:
         """Validate, make durable and index received blobs; one result per blob, in order.
 
         ``study_uid`` is set for STOW-RS ``POST /studies/{study}``: other studies are refused.
         ``check`` is an adapter's own rule (C-STORE: the data set is the SOP Instance the
         request names); it raises a DicomshareError to refuse an object before it is stored.
+        ``owner`` is the storing organisation; ``store_access`` says into which existing
+        studies it may add (access/service.py decides both).
         """
         temps = list(temps)
         for temp in temps:  # the disk works on the fsyncs while the headers are parsed
@@ -132,7 +140,8 @@ class Archive:
                     result.error = exc
                 return results
             for (result, header, temp), key in zip(valid, keys, strict=True):
-                pending.append((result, InstanceRecord(header, key, temp.size, temp.sha256())))
+                pending.append((result, InstanceRecord(header, key, temp.size, temp.sha256(),
+                                                       owner, store_access)))
         if pending:
             try:
                 outcomes = self._commits.add([rec for _, rec in pending])
@@ -144,7 +153,12 @@ class Archive:
                 return results
             for (result, rec), outcome in zip(pending, outcomes, strict=True):
                 result.outcome = outcome
-                if outcome is Outcome.CONFLICT:
+                if outcome is Outcome.FORBIDDEN:
+                    self.blobs.delete(rec.blob_key)  # unreferenced, as for CONFLICT
+                    result.error = Forbidden(
+                        f"study {rec.header.study_uid} holds instances of another organisation"
+                        " and no add-series grant lets you add to it; nothing was stored")
+                elif outcome is Outcome.CONFLICT:
                     self.blobs.delete(rec.blob_key)  # unreferenced: its content is unique
                     result.error = DuplicateConflict(
                         f"SOP Instance {rec.header.sop_uid} is already stored with different "
@@ -168,13 +182,15 @@ class Archive:
 
     # -- find and read ---------------------------------------------------------------------
     def search(self, query: Query, study_uid: str | None = None,
-               series_uid: str | None = None) -> list[dict[str, Any]]:
-        return self.index.search(query, study_uid, series_uid)
+               series_uid: str | None = None, visibility: Visibility = EVERYTHING
+               ) -> list[dict[str, Any]]:
+        return self.index.search(query, study_uid, series_uid, visibility)
 
     def locate(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
-               with_metadata: bool = False) -> list[tuple[StoredInstance, str | None]]:
+               with_metadata: bool = False, visibility: Visibility = EVERYTHING
+               ) -> list[tuple[StoredInstance, str | None]]:
         """Instances below a resource; NotFound (never an empty list) when there are none."""
-        found = self.index.locate(study_uid, series_uid, sop_uid, with_metadata)
+        found = self.index.locate(study_uid, series_uid, sop_uid, with_metadata, visibility)
         if not found:
             raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
         return found
@@ -186,10 +202,12 @@ class Archive:
 
     # -- delete and check ------------------------------------------------------------------
     def delete(self, study_uid: str, series_uid: str | None = None,
-               sop_uid: str | None = None) -> list[StoredInstance]:
-        """Index rows first, blobs second: a crash in between leaves only orphans."""
-        gone = self.index.remove(study_uid, series_uid, sop_uid)
-        if not gone:
+               sop_uid: str | None = None, organisation: int | None = None
+               ) -> list[StoredInstance]:
+        """Index rows first, blobs second: a crash in between leaves only orphans. With
+        ``organisation``, only its share goes (instances still owned by others stay)."""
+        gone = self.index.remove(study_uid, series_uid, sop_uid, organisation)
+        if not gone and organisation is None:
             raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
         for inst in gone:
             self.blobs.delete(inst.blob_key)
@@ -246,6 +264,8 @@ class Archive:
 
 
 def _describe(result: StoreResult, header: Header) -> None:
+    result.patient_id = header.values.get("PatientID")
+    result.issuer_of_patient_id = header.values.get("IssuerOfPatientID")
     result.sop_class_uid = header.sop_class_uid
     result.sop_uid = header.sop_uid
     result.study_uid = header.study_uid

@@ -9,7 +9,6 @@ wrong, 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import os
 import sys
@@ -18,12 +17,11 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from dicomshare import __version__
-from dicomshare.access.policy import ROLES
+from dicomshare import __version__, cli_admin
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings, load_settings, settings_environment
 from dicomshare.errors import DicomshareError
@@ -60,46 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="store DICOM files, folders and zip files")
     imp.add_argument("paths", nargs="+", type=Path)
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.add_argument("--org", help="the organisation the instances belong to (default: the "
+                     "only one)")
 
     check = sub.add_parser("check", help="verify blobs and index agree")
     check.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
     check.add_argument("--quick", action="store_true", help="check presence, not hashes")
 
-    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action",
-                                                                         required=True)
-    create = users.add_parser("create", help="create a user")
-    create.add_argument("name")
-    create.add_argument("--org", required=True, help="organisation (created if new)")
-    create.add_argument("--role", required=True, choices=list(ROLES))
-    create.add_argument("--password-stdin", action="store_true",
-                        help="read the password from standard input")
-
-    tokens = sub.add_parser("tokens", help="manage API tokens").add_subparsers(
-        dest="action", required=True)
-    tcreate = tokens.add_parser("create", help="create a token; prints only the token")
-    tcreate.add_argument("user")
-    tcreate.add_argument("--name", help="a label for the token")
-    tcreate.add_argument("--expires-days", type=int, help="expire after this many days")
-    trevoke = tokens.add_parser("revoke", help="revoke a token by id")
-    trevoke.add_argument("id", type=int)
-    tokens.add_parser("list", help="list tokens (never their secrets)")
-
-    ae = sub.add_parser("ae", help="registered DICOM peers (AE titles)").add_subparsers(
-        dest="action", required=True)
-    ae_add = ae.add_parser("add", help="register a peer: it may connect, and receive C-MOVEs")
-    ae_add.add_argument("title")
-    ae_add.add_argument("--host", required=True)
-    ae_add.add_argument("--port", required=True, type=int)
-    ae_add.add_argument("--description")
-    ae_add.add_argument("--replace", action="store_true", help="update an existing entry")
-    ae_remove = ae.add_parser("remove", help="forget a peer")
-    ae_remove.add_argument("title")
-    ae.add_parser("list", help="list registered peers")
+    cli_admin.add_parsers(sub)
 
     send = sub.add_parser("send", help="send studies to a registered peer (C-STORE)")
     send.add_argument("--to", required=True, metavar="TITLE", help="registered AE title")
     send.add_argument("studies", nargs="+", metavar="STUDY_UID")
     send.add_argument("--quiet", action="store_true", help="no progress bar")
+    send.add_argument("--org", help="act for this organisation (default: the only one)")
 
     remote = sub.add_parser("remote", help="query and retrieve from a registered peer")
     ractions = remote.add_subparsers(dest="action", required=True)
@@ -119,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                                "archive")
     rget.add_argument("title", help="registered AE title")
     rget.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    rget.add_argument("--org", help="the organisation the retrieved studies belong to "
+                      "(default: the only one)")
     rget.add_argument("--method", default="move", choices=["move", "get"],
                       help="move: the peer sends to our AE title (it must know us); get: "
                       "on this association (default move)")
@@ -144,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     settings = load_settings(overrides)
     try:
-        handler = {"serve": _serve, "import": _import, "check": _check,
-                   "users": _users, "tokens": _tokens, "ae": _ae, "send": _send,
+        if args.command in cli_admin.COMMANDS:
+            return cli_admin.run(settings, args)
+        handler = {"serve": _serve, "import": _import, "check": _check, "send": _send,
                    "remote": _remote}[args.command]
         return handler(settings, args)
     except DicomshareError as exc:
@@ -252,6 +227,8 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     archive = Archive.open(settings)
+    access = _access(archive)
+    who = cli_admin.operator(archive, args.org)
     counts: Counter[str] = Counter()
     rejected: list[tuple[str, str]] = []
     sources = list(_sources(args.paths))
@@ -260,7 +237,7 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     batch: list[tuple[_Source, Any]] = []
 
     def flush() -> None:
-        results = archive.store_received([t for _, t in batch])
+        results = access.store(who, [t for _, t in batch])
         for (src, _), result in zip(batch, results, strict=True):
             _tally(src.name, result, counts, rejected)
         batch.clear()
@@ -283,11 +260,21 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     if batch:
         flush()
     bar.close()
+    access.close()
     print(f"stored: {counts['stored']}  already present: {counts['present']}  "
           f"rejected: {len(rejected)}")
     for name, reason in rejected:
         print(f"  rejected {name}: {reason}")
     return 1 if rejected else 0
+
+
+def _access(archive: Archive) -> Access:
+    """The access door with its audit trail, for commands that touch patient data."""
+    from dicomshare.access.audit import AuditLog
+    from dicomshare.access.grants import Grants
+
+    return Access(archive, Grants(archive.index.engine),
+                  AuditLog.open(archive.settings, archive.index.engine))
 
 
 def _copy(stream: IO[bytes], temp: Any, bar: Any) -> None:
@@ -330,64 +317,6 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
-def _users(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomshare.access.identity import Identities
-
-    archive = Archive.open(settings)
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        password = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != password:
-            print("error: passwords differ", file=sys.stderr)
-            return 1
-    else:
-        print("error: no terminal to ask for a password; use --password-stdin",
-              file=sys.stderr)
-        return 2
-    Identities(archive.index.engine).create_user(args.name, args.org, args.role, password)
-    print(f"created user {args.name} ({args.role} of {args.org})", file=sys.stderr)
-    return 0
-
-
-def _tokens(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomshare.access.identity import Identities
-
-    identities = Identities(Archive.open(settings).index.engine)
-    if args.action == "create":
-        expires = (datetime.now(UTC) + timedelta(days=args.expires_days)
-                   if args.expires_days is not None else None)
-        token_id, secret = identities.create_token(args.user, args.name, expires)
-        print(secret)
-        print(f"token id {token_id} for {args.user}", file=sys.stderr)
-    elif args.action == "revoke":
-        identities.revoke_token(args.id)
-        print(f"revoked token {args.id}", file=sys.stderr)
-    else:
-        for t in identities.list_tokens():
-            state = "revoked" if t.revoked_at else (
-                "expired" if t.expires_at and t.expires_at <= datetime.now(UTC) else "active")
-            print(f"{t.id}\t{t.user}\t{t.name or ''}\t{t.prefix}...\t{state}\t"
-                  f"{t.created_at:%Y-%m-%d %H:%M}")
-    return 0
-
-
-def _ae(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomshare.dimse.aes import AERegistry
-
-    registry = AERegistry(Archive.open(settings).index.engine)
-    if args.action == "add":
-        ae = registry.add(args.title, args.host, args.port, args.description, args.replace)
-        print(f"registered {ae.ae_title} at {ae.host}:{ae.port}", file=sys.stderr)
-    elif args.action == "remove":
-        registry.remove(args.title)
-        print(f"removed {args.title}", file=sys.stderr)
-    else:
-        for ae in registry.all():
-            print(f"{ae.ae_title}\t{ae.host}\t{ae.port}\t{ae.description or ''}")
-    return 0
-
-
 # -- send, remote find / retrieve --------------------------------------------------------
 def _send(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -396,12 +325,16 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     from dicomshare.dimse.aes import AERegistry
 
     archive = Archive.open(settings)
+    access = _access(archive)
+    who = cli_admin.operator(archive, args.org)
     peer = AERegistry(archive.index.engine).require(args.to)
     studies = list(dict.fromkeys(args.studies))
     total = sum(len(archive.locate(uid)) for uid in studies)  # unknown study: fails here
     with tqdm(total=total, unit="instance", disable=args.quiet or None, file=sys.stderr,
               desc=f"sending to {peer.ae_title}") as bar:
-        report = scu.send(archive, settings, peer, studies, progress=lambda _r: bar.update())
+        report = scu.send(archive, settings, peer, studies, who, access,
+                          progress=lambda _r: bar.update())
+    access.close()
     for r in report.instances:
         status = f"0x{r.status:04X}" if r.status is not None else "-"
         print(f"  {r.outcome:<8} {status:<7} {r.sop_uid}"
@@ -424,7 +357,10 @@ def _remote(settings: Settings, args: argparse.Namespace) -> int:
     archive = Archive.open(settings)
     peer = AERegistry(archive.index.engine).require(args.title)
     if args.action == "retrieve":
-        reports = scu.retrieve(archive, settings, peer, args.studies, args.method)
+        access = _access(archive)
+        who = cli_admin.operator(archive, args.org)
+        reports = scu.retrieve(archive, settings, peer, args.studies, args.method, who, access)
+        access.close()
         for r in reports:
             status = f"0x{r.status:04X}" if r.status is not None else "no status"
             line = (f"study {r.study_uid}: {r.outcome} ({status}) completed: {r.completed}  "

@@ -10,7 +10,7 @@ DICOMweb, a DIMSE status for the network service, an exit code for the CLI.
     │   ├── InvalidUID              400  a UID is syntactically invalid          (0xA900)
     │   └── InvalidQuery            400  a search or retrieve parameter is wrong
     ├── Unauthenticated             401  no valid credentials
-    ├── Forbidden                   403  authenticated, not allowed
+    ├── Forbidden                   403  authenticated, not allowed             (0x0124)
     ├── NotFound                    404  no such study / series / instance / resource
     ├── NotAcceptable               406  cannot produce any representation the client accepts
     ├── Conflict                    409  contradicts what is stored
@@ -65,6 +65,7 @@ class Unauthenticated(DicomshareError):
 
 class Forbidden(DicomshareError):
     http_status = 403
+    failure_reason = 0x0124  # PS3.7 C.5: Refused: Not Authorized
 
 
 class NotFound(DicomshareError):

@@ -59,6 +59,10 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomshare.access.grants import Grants
+from dicomshare.access.identity import Identities
+from dicomshare.access.policy import Action, Principal, visibility
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dicom import pixels, transfer
@@ -66,7 +70,7 @@ from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import Condition, Kind, Query
 from dicomshare.dimse import translate
 from dicomshare.dimse.aes import AERegistry
-from dicomshare.errors import DicomshareError, InvalidInput, NotFound, StorageFailure
+from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound, StorageFailure
 from dicomshare.storage.base import StoredInstance, TempBlob
 
 log = logging.getLogger(__name__)
@@ -86,13 +90,20 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 class DicomService:
     """One listening AE on ``dicom_host:dicom_port``; start() returns at once."""
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(self, settings: Settings, archive: Archive, access: Access | None = None) -> None:
         self.settings = settings
         self.archive = archive
         self.registry = AERegistry(archive.index.engine)
+        if access is None:
+            from dicomshare.access.audit import AuditLog
+
+            access = Access(archive, Grants(archive.index.engine),
+                            AuditLog.open(settings, archive.index.engine))
+        self.access = access
         self.ae = _ArchiveAE(self, settings.ae_title)
         self._server: ThreadedAssociationServer | None = None
         self._inboxes: dict[int, _Inbox] = {}
+        self._callers: dict[int, Principal] = {}  # association -> who it acts for
         self._lock = threading.Lock()
 
     @property
@@ -154,6 +165,7 @@ class DicomService:
     def _on_close(self, event: evt.Event) -> None:
         with self._lock:
             inbox = self._inboxes.pop(id(event.assoc), None)
+            self._callers.pop(id(event.assoc), None)
         if inbox is not None:
             inbox.discard_all()
 
@@ -163,18 +175,46 @@ class DicomService:
         assoc = event.assoc
         primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
         calling = str(primitive.calling_ae_title or "").strip()
+        source = f"{calling}@{assoc.requestor.address}"
         try:
-            known = self.settings.dicom_accept_unknown or self.registry.get(calling) is not None
+            who = self._principal(calling, source)
         except Exception:  # the database is down: try again later
             log.exception("cannot check AE title %r", calling)
             _reject(assoc, 0x02, 0x01)
             return
-        if not known:
+        if who is None:
             log.warning("refused association from unregistered AE title %r (%s); register "
                         "it with `dicomshare ae add`", calling, assoc.requestor.address)
+            self.access.record("association", None, "denied", user_name=f"AE {calling}",
+                               details={"reason": "unregistered calling AE title",
+                                        "source": source})
             _reject(assoc, 0x01, 0x03)
             return
+        with self._lock:
+            self._callers[id(assoc)] = who
         _prefer_proposed(assoc)
+
+    def _principal(self, calling: str, source: str) -> Principal | None:
+        """The registered AE's principal; for an unknown caller with --dicom-accept-unknown,
+        a store-only device of the archive's only organisation (None when it has several)."""
+        peer = self.registry.get(calling)
+        if peer is not None:
+            return peer.principal(source)
+        if not self.settings.dicom_accept_unknown:
+            return None
+        orgs = Identities(self.archive.index.engine).organisations()
+        if len(orgs) != 1:
+            log.warning("--dicom-accept-unknown needs an archive with one organisation")
+            return None
+        return Principal(f"AE {calling}", orgs[0].name, "uploader", organisation_pk=orgs[0].id,
+                         scopes=frozenset({"write"}), kind="ae", source=source)
+
+    def _caller(self, assoc: Association) -> Principal:
+        with self._lock:
+            who = self._callers.get(id(assoc))
+        if who is None:  # cannot happen: every accepted association has one
+            raise Forbidden("the association has no registered caller")
+        return who
 
     def _inbox(self, assoc: Association) -> _Inbox | None:
         with self._lock:
@@ -190,7 +230,9 @@ class DicomService:
         named = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         check = partial(translate.check_names, named)
         try:
-            result = self.archive.store_received([temp], check=check)[0]
+            result = self.access.store(self._caller(event.assoc), [temp], check_header=check)[0]
+        except Forbidden as exc:  # the AE may not store at all (a read-only AE)
+            return translate.failure(exc.failure_reason, exc.reason)
         except Exception:  # a bug, not the object: nothing is acknowledged, nothing kept
             log.exception("C-STORE failed")
             self.archive.blobs.discard(temp)  # type: ignore[arg-type]
@@ -226,7 +268,8 @@ class DicomService:
         while True:
             try:
                 query.limit, query.offset = PAGE, offset
-                page = self.archive.search(query)
+                page = self.access.search(self._caller(event.assoc), query,
+                                          audit=offset == 0)
                 found = [translate.result_dataset(r, request, self.settings.ae_title)
                          for r in page]
             except Exception as exc:  # noqa: BLE001
@@ -246,6 +289,9 @@ class DicomService:
         title = event.move_destination or ""
         try:
             peer = self.registry.get(title)
+            who = self._caller(event.assoc)
+            if peer is not None and peer.organisation_pk != who.organisation_pk:
+                peer = None  # another organisation's peer: as unknown as an unregistered one
         except Exception:  # noqa: BLE001 - the registry is unreadable: destination unknown
             log.exception("cannot look up move destination %r", title)
             peer = None
@@ -289,21 +335,23 @@ class DicomService:
         root = translate.model_root(str(event.request.AffectedSOPClassUID))
         request = translate.retrieve_request(event.identifier, root)
         uids, level = request.uids, request.level
+        who = self._caller(event.assoc)
+        self.access.grants.visibility(who, Action.DOWNLOAD)  # Forbidden for a store-only AE
         if level is Level.PATIENT:
             conds = [Condition((0x00100020,), Kind.LIST, uids[Level.PATIENT], "LO")]
             if request.issuer:
                 conds.append(Condition((0x00100021,), Kind.SINGLE, request.issuer, "LO"))
-            rows = self.archive.search(Query(Level.STUDY, conds))
+            rows = self.access.search(who, Query(Level.STUDY, conds))
             places: list[tuple[str, str | None]] = [(_uid(r, "0020000D"), None) for r in rows]
         elif level is Level.STUDY:
             places = [(uid, None) for uid in uids[Level.STUDY]]
         else:
-            places = self._places(request)
+            places = self._places(who, request)
         found: dict[str, StoredInstance] = {}
         only = set(uids[Level.IMAGE]) if level is Level.IMAGE else None
         for study, series in dict.fromkeys(places):
             try:
-                located = self.archive.locate(study, series)
+                located = self.access.locate(who, Action.DOWNLOAD, study, series)
             except NotFound:
                 continue
             for inst, _ in located:
@@ -311,7 +359,8 @@ class DicomService:
                     found.setdefault(inst.sop_uid, inst)
         return list(found.values())
 
-    def _places(self, request: translate.RetrieveRequest) -> list[tuple[str, str | None]]:
+    def _places(self, who: Principal,
+                request: translate.RetrieveRequest) -> list[tuple[str, str | None]]:
         """(study, series) of the series or instances named at SERIES / IMAGE level."""
         level = request.level
         above = [translate.uid_condition(translate.UNIQUE_KEY[lvl], request.uids[lvl])
@@ -320,7 +369,7 @@ class DicomService:
         places: list[tuple[str, str | None]] = []
         for chunk in _chunks(request.uids[level]):
             cond = translate.uid_condition(translate.UNIQUE_KEY[level], chunk)
-            for row in self.archive.search(Query(level, [*above, cond])):
+            for row in self.access.search(who, Query(level, [*above, cond]), audit=False):
                 places.append((_uid(row, "0020000D"), _uid(row, "0020000E")))
         return places
 
@@ -351,7 +400,7 @@ class DicomService:
                            refs: list[tuple[str, str]]) -> None:
         """On the same association when it is still open, else on a new one to the AE."""
         try:
-            info, event_type = self._commitment(transaction, refs)
+            info, event_type = self._commitment(self._caller(assoc), transaction, refs)
         except Exception:
             log.exception("storage commitment %s failed", transaction)
             return
@@ -390,14 +439,16 @@ class DicomService:
         finally:
             assoc.release()
 
-    def _commitment(self, transaction: str,
+    def _commitment(self, who: Principal, transaction: str,
                     refs: list[tuple[str, str]]) -> tuple[Dataset, int]:
         """PS3.4 J.3.3: event type 1 when all are safely stored, 2 when some are not
-        (0x0112 no such object instance, 0x0119 stored with another SOP class)."""
+        (0x0112 no such object instance, 0x0119 stored with another SOP class). Only what
+        the caller may see counts: commitment never confirms someone else's instance."""
         stored: dict[str, str] = {}
+        vis = visibility(who, Action.VIEW, self.access.grants.live_for(who))
         for chunk in _chunks(dict.fromkeys(uid for _, uid in refs)):
             cond = translate.uid_condition(0x00080018, chunk)
-            for row in self.archive.search(Query(Level.IMAGE, [cond])):
+            for row in self.archive.search(Query(Level.IMAGE, [cond]), visibility=vis):
                 stored[_uid(row, "00080018")] = _uid(row, "00080016")
         done: list[Dataset] = []
         failed: list[Dataset] = []

@@ -39,12 +39,20 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from dicomshare.access.policy import Action, Principal
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dicom import transfer
 from dicomshare.dicom.json import dataset_to_json
 from dicomshare.dimse.aes import RemoteAE
-from dicomshare.errors import InvalidQuery, PeerUnavailable, RemoteError, StorageFailure
+from dicomshare.errors import (
+    DicomshareError,
+    InvalidQuery,
+    PeerUnavailable,
+    RemoteError,
+    StorageFailure,
+)
 from dicomshare.storage.base import Outcome, StoredInstance
 
 log = logging.getLogger(__name__)
@@ -250,11 +258,13 @@ class SendReport:
 
 
 def send(archive: Archive, settings: Settings, remote: RemoteAE, study_uids: Sequence[str],
+         who: Principal, access: Access,
          progress: Callable[[InstanceResult], None] | None = None) -> SendReport:
     """C-STORE every instance of the studies over one association; NotFound for an unknown
-    study (before connecting), PeerUnavailable when no association can be made."""
+    study or one ``who`` may not download (before connecting), PeerUnavailable when no
+    association can be made."""
     instances = [inst for uid in dict.fromkeys(study_uids)
-                 for inst, _ in archive.locate(uid)]
+                 for inst, _ in access.locate(who, Action.DOWNLOAD, uid)]
     report = SendReport(remote.ae_title)
     contexts, unproposed = _store_contexts(instances)
     with _association(settings, remote, contexts) as assoc:
@@ -435,12 +445,12 @@ class RetrieveReport:
 
 
 def retrieve(archive: Archive, settings: Settings, remote: RemoteAE, study_uids: Sequence[str],
-             method: str = "move") -> list[RetrieveReport]:
+             method: str, who: Principal, access: Access) -> list[RetrieveReport]:
     """Retrieve studies over one association, one report per study.
 
     ``move``: C-MOVE to our own AE title; the peer must have us registered, and our SCP
     (``dicomshare serve``) stores what arrives. ``get``: C-GET; we are the storage SCP on
-    the same association and store each instance through ``Archive.store_received``.
+    the same association and store each instance for ``who``'s organisation.
     """
     if method not in ("move", "get"):
         raise InvalidQuery(f"unknown retrieve method {method!r}: move or get")
@@ -460,7 +470,7 @@ def retrieve(archive: Archive, settings: Settings, remote: RemoteAE, study_uids:
         contexts = [build_context(model), *_get_contexts(classes)]
         roles = [build_role(cls, scp_role=True) for cls in dict.fromkeys(
             str(cx.abstract_syntax) for cx in contexts[1:])]
-        handlers = [(evt.EVT_C_STORE, _receive, [archive, current])]
+        handlers = [(evt.EVT_C_STORE, _receive, [archive, current, who, access])]
     with _association(settings, remote, contexts, roles, handlers) as assoc:
         for msg_id, report in enumerate(reports, start=1):
             current[:] = [report]
@@ -538,7 +548,8 @@ def _get_contexts(classes: list[str]) -> list[PresentationContext]:
     return [build_context(cls, UNCOMPRESSED + LOSSLESS + LOSSY) for cls in chosen[:room]]
 
 
-def _receive(event: evt.Event, archive: Archive, current: list[RetrieveReport]) -> Any:
+def _receive(event: evt.Event, archive: Archive, current: list[RetrieveReport],
+             who: Principal, access: Access) -> Any:
     """EVT_C_STORE during C-GET: store the received bytes; acknowledge once durable."""
     report = current[0] if current else None
     sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
@@ -554,7 +565,10 @@ def _receive(event: evt.Event, archive: Archive, current: list[RetrieveReport]) 
         archive.blobs.discard(temp)  # type: ignore[arg-type]
         error = StorageFailure(f"cannot write the received instance: {exc}")
         return _refuse(report, sop_uid, error.reason, error.failure_reason)
-    result = archive.store_received([temp])[0]
+    try:
+        result = access.store(who, [temp])[0]
+    except DicomshareError as exc:
+        return _refuse(report, sop_uid, exc.reason, exc.failure_reason)
     if result.error is not None:
         return _refuse(report, result.sop_uid or sop_uid, result.error.reason,
                        result.error.failure_reason)

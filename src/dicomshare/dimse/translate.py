@@ -26,7 +26,7 @@ from dicomshare.archive import StoreResult
 from dicomshare.dicom.attributes import Level, is_valid_uid, keyword, vr_of
 from dicomshare.dicom.header import Header
 from dicomshare.dicom.matching import Condition, Kind, Query, condition_for
-from dicomshare.errors import DicomshareError, InvalidInput, InvalidQuery
+from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, InvalidQuery
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _is_ascii(ds: Dataset) -> bool:
 
 
 # -- statuses: the error tree on the wire -------------------------------------------------
-_STORE_STATUSES = {0x0111, 0xA700, 0xA900, 0xC000}
+_STORE_STATUSES = {0x0111, 0x0124, 0xA700, 0xA900, 0xC000}
 _UIDS = re.compile(r"'?\b\d+(\.\d+){3,}\b'?")
 
 
@@ -313,6 +313,8 @@ def query_failure(exc: BaseException) -> Dataset:
     0xC000 for a value the archive cannot match, 0xA700 when the archive is unavailable."""
     if isinstance(exc, IdentifierMismatch):
         return failure(0xA900, exc.reason)
+    if isinstance(exc, Forbidden):
+        return failure(0x0124, exc.reason)
     if isinstance(exc, InvalidQuery | InvalidInput):
         return failure(0xC000, exc.reason)
     if isinstance(exc, DicomshareError):

@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from dicomshare.access.policy import EVERYTHING, Visibility
 from dicomshare.dicom.header import Header
 from dicomshare.dicom.matching import Query
 
@@ -21,6 +22,9 @@ class Outcome(StrEnum):
     STORED = "stored"
     ALREADY_PRESENT = "already-present"  # identical bytes were stored before: a no-op
     CONFLICT = "conflict"  # same SOP Instance UID, different bytes: first one kept
+    # The study exists and holds only other organisations' instances, and no add-series
+    # grant covers it: nothing stored.
+    FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class InstanceRecord:
     blob_key: str
     size: int
     sha256: str
+    owner: int | None = None  # the storing organisation (None: nobody, e.g. legacy import)
+    # Where the storer may add to existing studies (None: anywhere; see may_add_to).
+    store_access: Visibility | None = None
 
 
 @dataclass(frozen=True)
@@ -55,17 +62,24 @@ class Index(Protocol):
         """Index a batch in one transaction; return one outcome per record, in order."""
 
     def search(self, query: Query, study_uid: str | None = None,
-               series_uid: str | None = None) -> list[dict[str, Any]]:
-        """Matches as DICOM JSON (without RetrieveURL), ordered, paged by the query."""
+               series_uid: str | None = None, visibility: Visibility = EVERYTHING
+               ) -> list[dict[str, Any]]:
+        """Visible matches as DICOM JSON (without RetrieveURL), ordered, paged by the query;
+        computed attributes (counts, ModalitiesInStudy) cover visible instances only."""
 
     def locate(self, study_uid: str, series_uid: str | None = None,
-               sop_uid: str | None = None, with_metadata: bool = False
+               sop_uid: str | None = None, with_metadata: bool = False,
+               visibility: Visibility = EVERYTHING
                ) -> list[tuple[StoredInstance, str | None]]:
-        """Instances below a resource, ordered by series and instance number."""
+        """Visible instances below a resource, ordered by series and instance number."""
 
     def remove(self, study_uid: str, series_uid: str | None = None,
-               sop_uid: str | None = None) -> list[StoredInstance]:
-        """Delete index rows below a resource (and emptied parents); return what went."""
+               sop_uid: str | None = None, organisation: int | None = None
+               ) -> list[StoredInstance]:
+        """Delete index rows below a resource (and emptied parents); return what went.
+
+        With ``organisation``, only that organisation's ownership goes; an instance is
+        deleted when no owner is left."""
 
     def all_instances(self) -> Iterator[StoredInstance]:
         """Every indexed instance, for `dicomshare check`."""

@@ -11,5 +11,6 @@ from dicomshare.storage.sql import SqlIndex
 
 
 class PostgresIndex(SqlIndex):
-    def _insert_ignore(self, table: Any, key: str) -> Insert:
-        return insert(table).on_conflict_do_nothing(index_elements=[key])
+    def _insert_ignore(self, table: Any, key: str | list[str]) -> Insert:
+        return insert(table).on_conflict_do_nothing(
+            index_elements=[key] if isinstance(key, str) else key)

@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
+from dicomshare.access.policy import EVERYTHING, Visibility
 from dicomshare.dicom.attributes import (
     COMPUTED_KEYS,
     DEFAULT_RETURN,
@@ -43,9 +44,17 @@ from dicomshare.dicom.attributes import (
     vr_of,
 )
 from dicomshare.dicom.matching import Condition, Kind, Query, matches_json
-from dicomshare.errors import InvalidQuery
+from dicomshare.errors import InvalidQuery, NotFound
 from dicomshare.storage import schema as s
 from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance
+from dicomshare.storage.visibility import (
+    instance_visible,
+    may_add_to,
+    owners_of_study,
+    series_visible,
+    study_visible,
+    visible_instances_join,
+)
 
 # keyword -> (level, column)
 COLUMNS = {
@@ -113,11 +122,17 @@ class SqlIndex:
         self._series_pk = select(s.series.c.pk).where(
             s.series.c.series_instance_uid == bindparam("uid"))
         self._series_owner = select(s.series.c.study_pk).where(s.series.c.pk == bindparam("pk"))
-        self._instance_sha = select(s.instance.c.sha256).where(
+        self._instance_sha = select(s.instance.c.sha256, s.instance.c.pk).where(
             s.instance.c.sop_instance_uid == bindparam("uid"))
+        self._insert_instance_owner = self._insert_ignore(
+            s.instance_owner, ["instance_pk", "organisation_pk"])
+        self._insert_study_owner = self._insert_ignore(
+            s.study_owner, ["study_pk", "organisation_pk"])
+        self._study_patient = select(s.study.c.patient_id, s.study.c.issuer_of_patient_id) \
+            .where(s.study.c.pk == bindparam("pk"))
 
     # -- dialect hooks -------------------------------------------------------------------
-    def _insert_ignore(self, table: Any, key: str) -> Insert:
+    def _insert_ignore(self, table: Any, key: str | list[str]) -> Insert:
         """INSERT that does nothing when a row with the same ``key`` exists."""
         raise NotImplementedError
 
@@ -128,15 +143,28 @@ class SqlIndex:
     def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
         now = _now()
         parents: dict[str, int] = {}  # study / series UID -> pk, within this transaction
+        admitted: set[tuple[int, int | None, int]] = set()  # (study, owner, access) let in
         with self._write_lock(), self.engine.begin() as conn:
-            return [self._add_one(conn, rec, now, parents) for rec in records]
+            return [self._add_one(conn, rec, now, parents, admitted) for rec in records]
 
     def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime,
-                 parents: dict[str, int]) -> Outcome:
-        """Three statements on the common path (known study and series, new instance)."""
+                 parents: dict[str, int], admitted: set[tuple[int, int | None, int]]
+                 ) -> Outcome:
+        """Five statements on the common path (known study and series, new instance):
+        the instance, its owner, and the study's owner."""
         h = rec.header
         v = h.values
-        study_pk = parents.get(h.study_uid) or self._parent(
+        study_pk = parents.get(h.study_uid)
+        if study_pk is None:
+            study_pk = conn.execute(self._study_pk, {"uid": h.study_uid}).scalar_one_or_none()
+            if study_pk is not None and not self._may_add(conn, rec, study_pk, admitted):
+                # Someone else's study: only a copy of what is already there is let in.
+                known = conn.execute(self._instance_sha, {"uid": h.sop_uid}).first()
+                if known is not None and known[0] == rec.sha256:
+                    self._own(conn, rec, known[1], study_pk)
+                    return Outcome.ALREADY_PRESENT
+                return Outcome.FORBIDDEN
+        study_pk = study_pk or self._parent(
             conn, self._study_pk, self._insert_study, h.study_uid,
             {**{_col(k): v.get(k) for k in _STUDY_VALUES}, "created_at": now,
              "study_instance_uid": h.study_uid,
@@ -169,9 +197,35 @@ class SqlIndex:
         # rowcount is -1 for INSERT .. ON CONFLICT on psycopg: ask for the new row instead.
         inserted = conn.execute(self._insert_instance, inst_row).first()
         if inserted is None:  # stored before (or by a concurrent writer)
-            other = conn.execute(self._instance_sha, {"uid": h.sop_uid}).scalar_one()
-            return Outcome.ALREADY_PRESENT if other == rec.sha256 else Outcome.CONFLICT
+            other_sha, other_pk = conn.execute(self._instance_sha, {"uid": h.sop_uid}).one()
+            if other_sha != rec.sha256:
+                return Outcome.CONFLICT
+            self._own(conn, rec, other_pk, study_pk)  # identical bytes: a co-owner
+            return Outcome.ALREADY_PRESENT
+        self._own(conn, rec, inserted[0], study_pk)
         return Outcome.STORED
+
+    def _own(self, conn: Connection, rec: InstanceRecord, instance_pk: int,
+             study_pk: int) -> None:
+        if rec.owner is not None:
+            conn.execute(self._insert_instance_owner,
+                         {"instance_pk": instance_pk, "organisation_pk": rec.owner})
+            conn.execute(self._insert_study_owner,
+                         {"study_pk": study_pk, "organisation_pk": rec.owner})
+
+    def _may_add(self, conn: Connection, rec: InstanceRecord, study_pk: int,
+                 admitted: set[tuple[int, int | None, int]]) -> bool:
+        if rec.store_access is None or rec.store_access.everything:
+            return True
+        key = (study_pk, rec.owner, id(rec.store_access))
+        if key in admitted:
+            return True
+        patient_id, issuer = conn.execute(self._study_patient, {"pk": study_pk}).one()
+        ok = may_add_to(rec.store_access, rec.owner, rec.header.study_uid,
+                        (patient_id or "", issuer or ""), owners_of_study(conn, study_pk))
+        if ok:
+            admitted.add(key)
+        return ok
 
     def _parent(self, conn: Connection, find: Any, insert: Insert, uid: str,
                 row: dict[str, Any]) -> int:
@@ -184,12 +238,15 @@ class SqlIndex:
 
     # -- search ----------------------------------------------------------------------------
     def search(self, query: Query, study_uid: str | None = None,
-               series_uid: str | None = None) -> list[dict[str, Any]]:
+               series_uid: str | None = None, visibility: Visibility = EVERYTHING
+               ) -> list[dict[str, Any]]:
+        if visibility.nothing:
+            return []
         if query.level is Level.PATIENT:
-            return self._search_patients(query)
+            return self._search_patients(query, visibility)
         if query.level not in _DEPTH:
             raise InvalidQuery(f"searching at the {query.level.value} level is not supported")
-        stmt, residual = self._select(query, study_uid, series_uid)
+        stmt, residual = self._select(query, study_uid, series_uid, visibility)
         with self.engine.connect() as conn:
             if residual:
                 rows = []
@@ -209,15 +266,15 @@ class SqlIndex:
                 if query.limit is not None:
                     stmt = stmt.limit(query.limit)
                 rows = list(conn.execute(stmt).mappings())
-            return self._results(conn, query, rows, study_uid, series_uid)
+            return self._results(conn, query, rows, study_uid, series_uid, visibility)
 
-    def _search_patients(self, query: Query) -> list[dict[str, Any]]:
+    def _search_patients(self, query: Query, vis: Visibility) -> list[dict[str, Any]]:
         """PATIENT level (C-FIND): studies grouped by (PatientID, IssuerOfPatientID).
 
         A patient matches when one of its studies does; its attributes are those of its
         newest study, and its counts cover all its studies, matching or not.
         """
-        stmt, residual = self._select(replace(query, level=Level.STUDY), None, None)
+        stmt, residual = self._select(replace(query, level=Level.STUDY), None, None, vis)
         key_cols = (s.study.c.patient_id, s.study.c.issuer_of_patient_id)
         with self.engine.connect() as conn:
             if residual:
@@ -238,10 +295,10 @@ class SqlIndex:
                 if query.limit is not None:
                     grouped = grouped.limit(query.limit)
                 keys = [(pid, issuer) for pid, issuer in conn.execute(grouped)]
-            return self._patient_results(conn, query, keys)
+            return self._patient_results(conn, query, keys, vis)
 
-    def _patient_results(self, conn: Connection, query: Query,
-                         keys: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
+    def _patient_results(self, conn: Connection, query: Query, keys: list[tuple[Any, Any]],
+                         vis: Visibility) -> list[dict[str, Any]]:
         if not keys:
             return []
         ids = {pid for pid, _ in keys if pid is not None}
@@ -254,7 +311,8 @@ class SqlIndex:
                    func.max(s.study.c.pk))
             .select_from(s.study.join(s.series, s.series.c.study_pk == s.study.c.pk)
                          .join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(who).group_by(s.study.c.patient_id, s.study.c.issuer_of_patient_id))
+            .where(who, instance_visible(vis))
+            .group_by(s.study.c.patient_id, s.study.c.issuer_of_patient_id))
         stats = {(pid, issuer): (n_st, n_se, n_in, latest)
                  for pid, issuer, n_st, n_se, n_in, latest in counted}
         latest_pks = [stats[k][3] for k in keys if k in stats]
@@ -275,8 +333,8 @@ class SqlIndex:
             out.append(_shape(ds, wanted, query.include_all, defaults))
         return out
 
-    def _select(self, query: Query, study_uid: str | None,
-                series_uid: str | None) -> tuple[Select[Any], list[Condition]]:
+    def _select(self, query: Query, study_uid: str | None, series_uid: str | None,
+                vis: Visibility) -> tuple[Select[Any], list[Condition]]:
         level = query.level
         cols: list[Any] = [s.study.c.pk.label("study_pk"), s.study.c.attributes.label("study_json"),
                            s.study.c.study_instance_uid]
@@ -300,6 +358,9 @@ class SqlIndex:
             stmt = stmt.where(s.study.c.study_instance_uid == study_uid)
         if series_uid:
             stmt = stmt.where(s.series.c.series_instance_uid == series_uid)
+        if not vis.everything:
+            stmt = stmt.where({Level.STUDY: study_visible, Level.SERIES: series_visible,
+                               Level.IMAGE: instance_visible}[level](vis))
         residual: list[Condition] = []
         for cond in query.conditions:
             if cond.kind is Kind.UNIVERSAL:
@@ -319,8 +380,8 @@ class SqlIndex:
                 stmt = stmt.where(_exists_below(level, col_level, clause))
         return stmt.order_by(*order), residual
 
-    def _results(self, conn: Connection, query: Query, rows: list[Any],
-                 study_uid: str | None, series_uid: str | None) -> list[dict[str, Any]]:
+    def _results(self, conn: Connection, query: Query, rows: list[Any], study_uid: str | None,
+                 series_uid: str | None, vis: Visibility) -> list[dict[str, Any]]:
         """PS3.18 10.6.3.3: each level's attributes, plus those of the levels above that
         are not fixed by the URL (e.g. PatientName in ``/series`` results)."""
         level = query.level
@@ -333,8 +394,9 @@ class SqlIndex:
             defaults += DEFAULT_RETURN[Level.SERIES]
         defaults = list(dict.fromkeys(defaults))
         wanted = _wanted_tags(query, defaults)
-        stats = self._study_stats(conn, [r["study_pk"] for r in rows]) if with_study else {}
-        counts = self._series_counts(conn, [r["series_pk"] for r in rows]) \
+        stats = self._study_stats(conn, [r["study_pk"] for r in rows], vis) \
+            if with_study else {}
+        counts = self._series_counts(conn, [r["series_pk"] for r in rows], vis) \
             if with_series else {}
         out = []
         for r in rows:
@@ -353,24 +415,23 @@ class SqlIndex:
             out.append(_shape(ds, wanted, query.include_all, defaults))
         return out
 
-    def _study_stats(self, conn: Connection, pks: list[int]) -> dict[int, dict[str, Any]]:
+    def _study_stats(self, conn: Connection, pks: list[int],
+                     vis: Visibility) -> dict[int, dict[str, Any]]:
         if not pks:
             return {}
         stats: dict[int, dict[str, Any]] = defaultdict(_empty_study_stats)
-        counted = conn.execute(
+        counted = conn.execute(visible_instances_join(vis, (
             select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
                    func.count(s.instance.c.pk))
             .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(s.series.c.study_pk.in_(pks)).group_by(s.series.c.study_pk)
-        )
+            .where(s.series.c.study_pk.in_(pks)).group_by(s.series.c.study_pk))))
         for pk, n_series, n_inst in counted:
             stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
             stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
-        kinds = conn.execute(
+        kinds = conn.execute(visible_instances_join(vis, (
             select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
             .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(s.series.c.study_pk.in_(pks)).distinct()
-        )
+            .where(s.series.c.study_pk.in_(pks)).distinct())))
         modalities: dict[int, set[str]] = defaultdict(set)
         classes: dict[int, set[str]] = defaultdict(set)
         for pk, modality, sop_class in kinds:
@@ -384,18 +445,19 @@ class SqlIndex:
                 stats[pk]["00080062"] = {"vr": "UI", "Value": sorted(classes[pk])}
         return stats
 
-    def _series_counts(self, conn: Connection, pks: list[int]) -> dict[int, int]:
+    def _series_counts(self, conn: Connection, pks: list[int],
+                       vis: Visibility) -> dict[int, int]:
         if not pks:
             return {}
-        rows = conn.execute(
+        rows = conn.execute(visible_instances_join(vis, (
             select(s.instance.c.series_pk, func.count())
-            .where(s.instance.c.series_pk.in_(pks)).group_by(s.instance.c.series_pk)
-        )
+            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
+            .where(s.instance.c.series_pk.in_(pks)).group_by(s.instance.c.series_pk))))
         return {pk: n for pk, n in rows}
 
     # -- retrieve, delete, check -----------------------------------------------------------
     def _located(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
-                 extra: Sequence[Any] = ()) -> Select[Any]:
+                 extra: Sequence[Any] = (), vis: Visibility = EVERYTHING) -> Select[Any]:
         stmt = (
             select(s.study.c.study_instance_uid, s.series.c.series_instance_uid,
                    s.instance.c.sop_instance_uid, s.instance.c.sop_class_uid,
@@ -411,19 +473,29 @@ class SqlIndex:
             stmt = stmt.where(s.series.c.series_instance_uid == series_uid)
         if sop_uid:
             stmt = stmt.where(s.instance.c.sop_instance_uid == sop_uid)
+        if not vis.everything:
+            stmt = stmt.where(instance_visible(vis))
         return stmt
 
     def locate(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
-               with_metadata: bool = False) -> list[tuple[StoredInstance, str | None]]:
+               with_metadata: bool = False, visibility: Visibility = EVERYTHING
+               ) -> list[tuple[StoredInstance, str | None]]:
+        if visibility.nothing:
+            return []
         extra = [s.instance.c.metadata] if with_metadata else []
         with self.engine.connect() as conn:
-            rows = conn.execute(self._located(study_uid, series_uid, sop_uid, extra)).all()
+            rows = conn.execute(self._located(study_uid, series_uid, sop_uid, extra,
+                                              visibility)).all()
         return [(StoredInstance(*row[:9]), row[9] if with_metadata else None) for row in rows]
 
     def remove(self, study_uid: str, series_uid: str | None = None,
-               sop_uid: str | None = None) -> list[StoredInstance]:
+               sop_uid: str | None = None, organisation: int | None = None
+               ) -> list[StoredInstance]:
         with self._write_lock(), self.engine.begin() as conn:
-            rows = conn.execute(self._located(study_uid, series_uid, sop_uid)).all()
+            rows = conn.execute(self._located(study_uid, series_uid, sop_uid,
+                                              [s.instance.c.pk])).all()
+            if organisation is not None:
+                rows = self._disown(conn, rows, organisation)
             gone = [StoredInstance(*row[:9]) for row in rows]
             uids = [g.sop_uid for g in gone]
             for start in range(0, len(uids), 500):
@@ -437,6 +509,48 @@ class SqlIndex:
                 s.study.c.study_instance_uid == study_uid,
                 ~exists().where(s.series.c.study_pk == s.study.c.pk)))
         return gone
+
+    def _disown(self, conn: Connection, rows: Sequence[Any], organisation: int) -> list[Any]:
+        """Drop one organisation's ownership of ``rows``; return the rows left unowned.
+        Raises NotFound when the organisation owns none of them."""
+        pks = [row[9] for row in rows]
+        owned: set[int] = set()
+        for start in range(0, len(pks), 500):
+            owned |= set(conn.execute(
+                select(s.instance_owner.c.instance_pk).where(
+                    s.instance_owner.c.organisation_pk == organisation,
+                    s.instance_owner.c.instance_pk.in_(pks[start:start + 500]))).scalars())
+        if not owned:
+            raise NotFound("nothing stored by your organisation is here")
+        mine = sorted(owned)
+        still_owned: set[int] = set()
+        for start in range(0, len(mine), 500):
+            chunk = mine[start:start + 500]
+            conn.execute(delete(s.instance_owner).where(
+                s.instance_owner.c.organisation_pk == organisation,
+                s.instance_owner.c.instance_pk.in_(chunk)))
+            still_owned |= set(conn.execute(
+                select(s.instance_owner.c.instance_pk)
+                .where(s.instance_owner.c.instance_pk.in_(chunk))).scalars())
+        study_pks = conn.execute(select(s.study.c.pk).where(
+            s.study.c.study_instance_uid == rows[0][0])).scalars().all()
+        conn.execute(delete(s.study_owner).where(
+            s.study_owner.c.organisation_pk == organisation,
+            s.study_owner.c.study_pk.in_(study_pks),
+            ~exists().where(s.instance_owner.c.organisation_pk == organisation,
+                            s.instance_owner.c.instance_pk == s.instance.c.pk,
+                            s.instance.c.series_pk == s.series.c.pk,
+                            s.series.c.study_pk == s.study_owner.c.study_pk)))
+        return [row for row in rows if row[9] in owned and row[9] not in still_owned]
+
+    def study_facts(self, study_uid: str) -> tuple[str | None, list[int]]:
+        """(PatientID, owner organisations) of a study, for the audit trail."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.study.c.pk, s.study.c.patient_id).where(
+                s.study.c.study_instance_uid == study_uid)).first()
+            if row is None:
+                return None, []
+            return row[1], sorted(owners_of_study(conn, row[0]))
 
     def all_instances(self) -> Iterator[StoredInstance]:
         stmt = (

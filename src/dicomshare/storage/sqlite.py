@@ -61,5 +61,6 @@ class SqliteIndex(SqlIndex):
             finally:
                 os.close(fd)  # closing releases the flock
 
-    def _insert_ignore(self, table: Any, key: str) -> Insert:
-        return insert(table).on_conflict_do_nothing(index_elements=[key])
+    def _insert_ignore(self, table: Any, key: str | list[str]) -> Insert:
+        return insert(table).on_conflict_do_nothing(
+            index_elements=[key] if isinstance(key, str) else key)

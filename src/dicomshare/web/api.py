@@ -1,8 +1,10 @@
 """JSON API under ``/api``: the registered DICOM peers, and sending to, querying and
 retrieving from them (coordination of care with other archives).
 
-Every route needs a bearer token; any user may list peers, query, send and retrieve,
-only administrators change the registry. The DIMSE work runs synchronously in the
+Every route needs a bearer token. A peer belongs to one organisation: its clinicians
+and admins list, query, retrieve from and send to it (what is retrieved belongs to the
+organisation; what is sent must be downloadable by the caller), its admins register
+and remove it; other organisations' peers answer 404. The DIMSE work runs synchronously in the
 threadpool and the response comes when it is done: a large study holds one worker thread
 (and the client) for as long as the transfer takes. Unknown peer or study: 404; a peer we
 cannot associate with, or that fails a query: 502.
@@ -17,15 +19,29 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from dicomshare.access.identity import Principal
+from dicomshare.access.policy import Action
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import AERegistry, RemoteAE
-from dicomshare.web.app import admin, principal
+from dicomshare.errors import Conflict, Forbidden
+from dicomshare.web.app import principal, require
 
 router = APIRouter(tags=["DICOM peers"])
+
+
+def _remote_user(request: Request) -> Principal:
+    return require(request, Action.REMOTE)
+
+
+def _manager(request: Request) -> Principal:
+    return require(request, Action.MANAGE_ORGANISATION)
+
+
 Caller = Annotated[Principal, Depends(principal)]
-Admin = Annotated[Principal, Depends(admin)]
+RemoteUser = Annotated[Principal, Depends(_remote_user)]
+Manager = Annotated[Principal, Depends(_manager)]
 
 
 class RemoteAEModel(BaseModel):
@@ -33,12 +49,18 @@ class RemoteAEModel(BaseModel):
     host: str
     port: int
     description: str | None = None
+    organisation: str | None = None
+    scopes: list[str] = Field(description="what the peer may do when it calls us: read "
+                              "(C-FIND, C-MOVE, C-GET), write (C-STORE)")
 
 
 class RemoteAEUpdate(BaseModel):
-    host: str = Field(min_length=1)
+    host: str = Field(min_length=1, max_length=255)
     port: int = Field(ge=1, le=65535)
-    description: str | None = None
+    description: str | None = Field(None, max_length=1000)
+    organisation: str | None = Field(None, description="superusers only: the organisation "
+                                     "the peer acts for (default: the caller's)")
+    scopes: list[Literal["read", "write"]] = ["read", "write"]
 
 
 class FindRequest(BaseModel):
@@ -115,52 +137,80 @@ def _context(request: Request) -> tuple[Archive, Settings, AERegistry]:
 
 def _model(ae: RemoteAE) -> RemoteAEModel:
     return RemoteAEModel(ae_title=ae.ae_title, host=ae.host, port=ae.port,
-                         description=ae.description)
+                         description=ae.description, organisation=ae.organisation,
+                         scopes=list(ae.scopes))
 
 
 @router.get("/remote-aes", response_model=list[RemoteAEModel])
-async def list_remote_aes(request: Request, _who: Caller) -> list[RemoteAEModel]:
+async def list_remote_aes(request: Request, who: RemoteUser) -> list[RemoteAEModel]:
+    """The caller's organisation's peers (all of them, for superusers)."""
     _, _, registry = _context(request)
-    return [_model(ae) for ae in await run_in_threadpool(registry.all)]
+    return [_model(ae) for ae in await run_in_threadpool(
+        registry.all, None if who.superuser else who.organisation_pk)]
 
 
 @router.put("/remote-aes/{title}", response_model=RemoteAEModel)
 async def put_remote_ae(request: Request, title: str, body: RemoteAEUpdate,
-                        _who: Admin) -> RemoteAEModel:
-    """Register a peer, or change one (administrators only)."""
+                        who: Manager) -> RemoteAEModel:
+    """Register a peer for the caller's organisation, or change one (its admins)."""
     _, _, registry = _context(request)
+    existing = await run_in_threadpool(registry.get, title)
+    if existing is not None and not who.superuser \
+            and existing.organisation_pk != who.organisation_pk:
+        raise Conflict(f"AE title {title.strip()} is taken")
+    if body.organisation is not None and not who.superuser \
+            and body.organisation != who.organisation:
+        raise Forbidden("only superusers register peers for other organisations")
     ae = await run_in_threadpool(registry.add, title, body.host, body.port, body.description,
-                                 True)
+                                 True, body.organisation or who.organisation, body.scopes)
+    _audit(request, "config.remote-ae", who, {"ae_title": ae.ae_title, "host": ae.host,
+                                             "port": ae.port, "scopes": list(ae.scopes)})
     return _model(ae)
 
 
 @router.delete("/remote-aes/{title}", status_code=204)
-async def delete_remote_ae(request: Request, title: str, _who: Admin) -> Response:
-    """Forget a peer (administrators only)."""
+async def delete_remote_ae(request: Request, title: str, who: Manager) -> Response:
+    """Forget a peer (its organisation's admins)."""
     _, _, registry = _context(request)
+    await run_in_threadpool(registry.usable_by, who, title)
     await run_in_threadpool(registry.remove, title)
+    _audit(request, "config.remote-ae", who, {"ae_title": title, "removed": True})
     return Response(status_code=204)
+
+
+def _audit(request: Request, action: str, who: Principal, details: dict[str, Any]) -> None:
+    access: Access = request.app.state.access
+    access.record(action, who, wait=True, details=details)
 
 
 @router.post("/remote-aes/{title}/find", response_model=list[dict[str, Any]])
 async def remote_find(request: Request, title: str, body: FindRequest,
-                      _who: Caller) -> list[dict[str, Any]]:
+                      who: RemoteUser) -> list[dict[str, Any]]:
     """C-FIND on the peer; each match as DICOM JSON (PS3.18 F.2)."""
     _, settings, registry = _context(request)
-    peer = await run_in_threadpool(registry.require, title)
-    return await run_in_threadpool(scu.find, settings, peer, body.level, body.keys,
-                                   body.model)
+    peer = await run_in_threadpool(registry.usable_by, who, title)
+    found = await run_in_threadpool(scu.find, settings, peer, body.level, body.keys,
+                                    body.model)
+    _audit(request, "remote.find", who, {"ae_title": peer.ae_title, "level": body.level,
+                                        "keys": body.keys, "matches": len(found)})
+    return found
 
 
 @router.post("/remote-aes/{title}/retrieve", response_model=RetrieveResponse)
 async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
-                          _who: Caller) -> RetrieveResponse:
+                          who: RemoteUser) -> RetrieveResponse:
     """C-MOVE (to our AE title) or C-GET studies into this archive; 200 with a report per
-    study, whatever each study's outcome."""
+    study, whatever each study's outcome. What arrives belongs to the caller's
+    organisation (C-MOVE: to the peer's, which is the same)."""
     archive, settings, registry = _context(request)
-    peer = await run_in_threadpool(registry.require, title)
+    access: Access = request.app.state.access
+    peer = await run_in_threadpool(registry.usable_by, who, title)
+    await run_in_threadpool(access.store_access, who)
     reports = await run_in_threadpool(scu.retrieve, archive, settings, peer, body.study_uids,
-                                      body.method)
+                                      body.method, who, access)
+    _audit(request, "remote.retrieve", who, {"ae_title": peer.ae_title,
+                                            "study_uids": body.study_uids[:100],
+                                            "method": body.method})
     return RetrieveResponse(source=peer.ae_title, studies=[
         StudyRetrieveModel(
             study_uid=r.study_uid, method=body.method, outcome=r.outcome, status=r.status,
@@ -171,12 +221,15 @@ async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
 
 
 @router.post("/send", response_model=SendResponse)
-async def send(request: Request, body: SendRequest, _who: Caller) -> SendResponse:
-    """C-STORE every instance of the studies to a registered peer, as stored; 200 with a
-    result per instance, whatever each outcome."""
+async def send(request: Request, body: SendRequest, who: RemoteUser) -> SendResponse:
+    """C-STORE every instance of the studies to one of the organisation's peers, as
+    stored; 200 with a result per instance, whatever each outcome. Studies the caller
+    may not download answer 404."""
     archive, settings, registry = _context(request)
-    peer = await run_in_threadpool(registry.require, body.destination)
-    report = await run_in_threadpool(scu.send, archive, settings, peer, body.study_uids)
+    peer = await run_in_threadpool(registry.usable_by, who, body.destination)
+    access: Access = request.app.state.access
+    report = await run_in_threadpool(scu.send, archive, settings, peer, body.study_uids,
+                                     who, access)
     return SendResponse(
         destination=peer.ae_title, succeeded=report.count("success"),
         warnings=report.count("warning"), failed=report.count("failure"), error=report.error,

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,10 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from dicomshare import __version__
+from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities, Principal
+from dicomshare.access.policy import Action, check
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.errors import DicomshareError, Forbidden, Unauthenticated
+
+if TYPE_CHECKING:
+    from dicomshare.access.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     sys.setswitchinterval(0.0005)
     archive = archive or Archive.open(settings)
     identities = Identities(archive.index.engine)
+    grants = Grants(archive.index.engine)
+    audit = _open_audit(settings, archive)
     shutdown_hooks: list[Callable[[], None]] = []
 
     @asynccontextmanager
@@ -51,6 +59,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
         for hook in shutdown_hooks:
             hook()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="dicomshare", version=__version__, lifespan=lifespan,
                   description="Medical-imaging sharing server: DICOMweb (PS3.18) and more.")
@@ -58,6 +68,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.archive = archive
     app.state.identities = identities
+    app.state.grants = grants
+    app.state.audit = audit
+    app.state.access = Access(archive, grants, audit)
 
     if settings.cors_origins:
         app.add_middleware(
@@ -95,10 +108,11 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    from dicomshare.web import api, dicomweb
+    from dicomshare.web import access_api, api, dicomweb
 
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
     app.include_router(api.router, prefix="/api")
+    app.include_router(access_api.router, prefix="/api")
     return app
 
 
@@ -140,13 +154,34 @@ def principal(request: Request) -> Principal:
     identities: Identities = request.app.state.identities
     found = identities.authenticate(secret.strip())
     if found is None:
+        access: Access = request.app.state.access
+        access.record("authenticate", None, "denied", user_name=None, details={
+            "reason": "unknown, revoked or expired bearer token", "source": client_of(request),
+            "path": request.url.path[:200]})
         raise Unauthenticated("the bearer token is unknown, revoked or expired")
+    found = found.with_source(client_of(request))
     request.state.principal = found
     return found
 
 
-def admin(request: Request) -> Principal:
+def client_of(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def require(request: Request, action: Action) -> Principal:
+    """The caller, when its role and scopes allow ``action`` (refusals are audited)."""
     who = principal(request)
-    if not who.is_admin:
-        raise Forbidden("only administrators may do this")
+    try:
+        check(who, action)
+    except Forbidden as exc:
+        access: Access = request.app.state.access
+        access.record(str(action), who, "denied", details={"reason": exc.reason,
+                                                           "path": request.url.path[:200]})
+        raise
     return who
+
+
+def _open_audit(settings: Settings, archive: Archive) -> AuditLog | None:
+    from dicomshare.access.audit import AuditLog
+
+    return AuditLog.open(settings, archive.index.engine)

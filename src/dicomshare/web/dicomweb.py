@@ -16,6 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from dicomshare.access.policy import Action
+from dicomshare.access.service import Access
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.dicom import transfer
 from dicomshare.dicom.attributes import Level, check_uid
@@ -31,7 +33,7 @@ from dicomshare.errors import (
 )
 from dicomshare.storage.base import StoredInstance
 from dicomshare.web.accept import MediaRange, accept_from_request
-from dicomshare.web.app import admin, principal
+from dicomshare.web.app import principal
 from dicomshare.web.multipart import (
     MultipartError,
     MultipartReader,
@@ -51,6 +53,10 @@ STORE_BATCH = 32  # parts per index transaction within one STOW request
 
 def archive_of(request: Request) -> Archive:
     return request.app.state.archive
+
+
+def access_of(request: Request) -> Access:
+    return request.app.state.access
 
 
 def root_url(request: Request) -> str:
@@ -120,8 +126,10 @@ async def stow_study(request: Request, study: str) -> Response:
 
 
 async def _stow(request: Request, study: str | None) -> Response:
-    principal(request)
+    who = principal(request)
     archive = archive_of(request)
+    access = access_of(request)
+    may_store = await run_in_threadpool(access.store_access, who)
     content_type = request.headers.get("content-type", "")
     try:
         media, params = parse_content_type(content_type)
@@ -168,7 +176,7 @@ async def _stow(request: Request, study: str | None) -> Response:
             if len(batch) >= STORE_BATCH:
                 results += await stored()
                 storing = asyncio.ensure_future(
-                    run_in_threadpool(archive.store_received, batch, study))
+                    run_in_threadpool(access.store, who, batch, study, None, may_store))
                 batch = []
     except (MultipartError, InvalidInput, PayloadTooLarge) as exc:
         for temp in batch:
@@ -191,7 +199,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         raise
     results += await stored()
     if batch:
-        results += await run_in_threadpool(archive.store_received, batch, study)
+        results += await run_in_threadpool(access.store, who, batch, study, None, may_store)
     for index, result in refused:
         results.insert(index - 1, result)
     return _stow_response(root_url(request), study, results)
@@ -253,13 +261,12 @@ def _stow_response(root: str, study: str | None, results: list[StoreResult]) -> 
 # -- QIDO-RS ------------------------------------------------------------------------------
 async def _qido(request: Request, level: Level, study: str | None = None,
                 series: str | None = None) -> Response:
-    principal(request)
+    who = principal(request)
     wants_json(request)
     if study:
         uids(study, series)
     query = parse_qido(level, list(request.query_params.multi_items()))
-    archive = archive_of(request)
-    matches = await run_in_threadpool(archive.search, query, study, series)
+    matches = await run_in_threadpool(access_of(request).search, who, query, study, series)
     root = root_url(request)
     for ds in matches:
         st = ds["0020000D"]["Value"][0]
@@ -339,11 +346,12 @@ def _pick(inst: StoredInstance, choices: list[str]) -> str:
 
 async def _retrieve(request: Request, study: str, series: str | None = None,
                     instance: str | None = None) -> Response:
-    principal(request)
+    who = principal(request)
     uids(study, series, instance)
     choices = _choose_transfer_syntaxes(request)
     archive = archive_of(request)
-    found = await run_in_threadpool(archive.locate, study, series, instance)
+    found = await run_in_threadpool(access_of(request).locate, who, Action.DOWNLOAD, study,
+                                    series, instance)
     plan = [(inst, _pick(inst, choices)) for inst, _ in found]
     root = root_url(request)
 
@@ -389,11 +397,11 @@ async def retrieve_instance(request: Request, study: str, series: str,
 
 async def _metadata(request: Request, study: str, series: str | None = None,
                     instance: str | None = None) -> Response:
-    principal(request)
+    who = principal(request)
     uids(study, series, instance)
     wants_json(request)
-    archive = archive_of(request)
-    found = await run_in_threadpool(archive.locate, study, series, instance, True)
+    found = await run_in_threadpool(access_of(request).locate, who, Action.VIEW, study,
+                                    series, instance, True)
     root = root_url(request)
 
     def body() -> Iterator[bytes]:
@@ -427,10 +435,9 @@ async def instance_metadata(request: Request, study: str, series: str,
 # -- DELETE -------------------------------------------------------------------------------
 async def _delete(request: Request, study: str, series: str | None = None,
                   instance: str | None = None) -> Response:
-    admin(request)
+    who = principal(request)
     uids(study, series, instance)
-    archive = archive_of(request)
-    gone = await run_in_threadpool(archive.delete, study, series, instance)
+    gone = await run_in_threadpool(access_of(request).delete, who, study, series, instance)
     return json_response({"deleted": len(gone)}, 200)
 
 

@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from dicomshare.access.policy import Action
 from dicomshare.archive import Archive
 from dicomshare.dicom import pixels, render
 from dicomshare.dicom.attributes import parse_tag
@@ -23,7 +24,15 @@ from dicomshare.errors import InvalidInput, InvalidQuery, NotAcceptable, NotFoun
 from dicomshare.storage.base import StoredInstance
 from dicomshare.web.accept import MediaRange
 from dicomshare.web.app import principal
-from dicomshare.web.dicomweb import accepted, archive_of, instance_url, root_url, router, uids
+from dicomshare.web.dicomweb import (
+    accepted,
+    access_of,
+    archive_of,
+    instance_url,
+    root_url,
+    router,
+    uids,
+)
 from dicomshare.web.multipart import iter_multipart, multipart_content_type, new_boundary
 
 OCTET = "application/octet-stream"
@@ -55,8 +64,9 @@ def _frame_wants(ranges: list[MediaRange]) -> list[tuple[str, str | None, bool]]
     return wants
 
 
-async def _one(archive: Archive, study: str, series: str, instance: str) -> StoredInstance:
-    found = await run_in_threadpool(archive.locate, study, series, instance)
+async def _one(request: Request, study: str, series: str, instance: str) -> StoredInstance:
+    found = await run_in_threadpool(access_of(request).locate, principal(request), Action.VIEW,
+                                    study, series, instance)
     return found[0][0]
 
 
@@ -77,7 +87,7 @@ async def retrieve_frames(request: Request, study: str, series: str, instance: s
     uids(study, series, instance)
     numbers = _frame_list(frame_list)
     archive = archive_of(request)
-    inst = await _one(archive, study, series, instance)
+    inst = await _one(request, study, series, instance)
     wants = _frame_wants(accepted(request))  # none: nothing acceptable, 406 below
     last: Exception | None = None
     for want, ts, multipart in wants:
@@ -117,7 +127,7 @@ async def retrieve_bulk(request: Request, study: str, series: str, instance: str
     except InvalidQuery:
         raise NotFound(f"no bulk data {tag_path[:40]!r}") from None
     archive = archive_of(request)
-    inst = await _one(archive, study, series, instance)
+    inst = await _one(request, study, series, instance)
     if tag == 0x7FE00010:
         with archive.blobs.local_path(inst.blob_key) as path:
             count = await run_in_threadpool(_pixel_call, pixels.number_of_frames, path)
@@ -200,8 +210,8 @@ async def _rendered(request: Request, study: str, series: str | None, instance: 
     media = _image_type(request)
     params = _render_params(request)
     archive = archive_of(request)
-    found = [inst for inst, _ in await run_in_threadpool(archive.locate, study, series,
-                                                          instance)]
+    found = [inst for inst, _ in await run_in_threadpool(
+        access_of(request).locate, principal(request), Action.VIEW, study, series, instance)]
     single = len(found) == 1 or (thumbnail and instance is None)
     if thumbnail and instance is None:  # the image nearest the middle represents them all
         middle = len(found) // 2

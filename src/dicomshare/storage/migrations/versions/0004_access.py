@@ -1,8 +1,8 @@
 """Organisations as owners: roles, token scopes, ownership, grants, sessions, audit trail.
 
 Existing archives keep working: administrators become superusers (they were site-wide
-before), members become clinicians, every stored instance is given to the oldest
-organisation, and existing tokens keep every scope.
+before), members become clinicians, every stored instance and registered AE title is
+given to the oldest organisation, and existing tokens keep every scope.
 
 Revision ID: 0004
 Revises: 0003
@@ -54,6 +54,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_study_owner_org", "study_owner", ["organisation_pk", "study_pk"])
     oldest = "(SELECT MIN(pk) FROM organisation)"
+    op.execute(f"UPDATE remote_ae SET organisation_pk = {oldest} WHERE organisation_pk IS NULL")
     op.execute(f"INSERT INTO instance_owner (instance_pk, organisation_pk) "
                f"SELECT pk, {oldest} FROM instance WHERE {oldest} IS NOT NULL")
     op.execute(f"INSERT INTO study_owner (study_pk, organisation_pk) "
