@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from dicomshare import __version__, cli_admin
+from dicomshare import __version__, cli_admin, cli_audit
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings, load_settings, settings_environment
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--quick", action="store_true", help="check presence, not hashes")
 
     cli_admin.add_parsers(sub)
+    cli_audit.add_parser(sub)
 
     send = sub.add_parser("send", help="send studies to a registered peer (C-STORE)")
     send.add_argument("--to", required=True, metavar="TITLE", help="registered AE title")
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in cli_admin.COMMANDS:
             return cli_admin.run(settings, args)
+        if args.command == "audit":
+            return cli_audit.run(settings, args)
         handler = {"serve": _serve, "import": _import, "check": _check, "send": _send,
                    "remote": _remote}[args.command]
         return handler(settings, args)

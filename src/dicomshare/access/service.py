@@ -68,7 +68,13 @@ class Access:
 
     def _denied(self, who: Principal, action: str, exc: DicomshareError,
                 **context: Any) -> None:
-        self.record(action, who, "denied", details={"reason": exc.reason, **context})
+        """A refusal; one about a stored study also goes to its owners' trail (an attempt
+        on their data), which tells the caller nothing."""
+        study = context.get("study")
+        patient_id, owners = self.archive.index.study_facts(study) if study else (None, [])
+        self.record(action, who, "denied", patient_ids=[patient_id] if patient_id else (),
+                    study_uids=[study] if study else (), data_organisations=owners,
+                    details={"reason": exc.reason, **{k: v for k, v in context.items() if v}})
 
     def _first_in_a_while(self, key: tuple[Any, ...]) -> bool:
         now = time.monotonic()
