@@ -378,7 +378,7 @@ class AuditLog:
         atexit.register(_close_at_exit, ref)
         # A forked child (server workers) starts with the parent's queue but no writer
         # thread: it gets fresh state of its own.
-        pass
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(ref))
 
     def _reset(self) -> None:
         """Fresh queue and thread state (at start, and in a forked child)."""

@@ -177,6 +177,10 @@ async def update_user(request: Request, name: str, body: UserUpdate,
         raise InvalidInput("you cannot disable yourself or change your own role")
     user = await run_in_threadpool(lambda: identities.update_user(
         name, role=body.role, disabled=body.disabled, password=body.password))
+    if body.disabled or body.password is not None:  # open browser sessions end too
+        from dicomshare.web.auth import sessions_of
+
+        await run_in_threadpool(sessions_of(request.app).revoke_all, user.id)
     changes = body.model_dump(exclude_none=True)
     if "password" in changes:
         changes["password"] = "changed"

@@ -77,7 +77,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Accept"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-CSRF-Token"],
             expose_headers=["Content-Location", "Warning", "Content-Type"],
             allow_credentials=False,
             max_age=3600,
@@ -86,8 +86,11 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     @app.exception_handler(DicomshareError)
     async def _project_error(_request: Request, exc: DicomshareError) -> Response:
         headers = {"WWW-Authenticate": 'Bearer realm="dicomshare"'} \
-            if isinstance(exc, Unauthenticated) else None
-        return error_response(exc.http_status, exc.reason, headers)
+            if isinstance(exc, Unauthenticated) else {}
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(int(retry_after))
+        return error_response(exc.http_status, exc.reason, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -108,8 +111,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    from dicomshare.web import access_api, api, dicomweb
+    from dicomshare.web import access_api, api, auth, dicomweb
 
+    app.include_router(auth.router, prefix="/api")
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
     app.include_router(api.router, prefix="/api")
     app.include_router(access_api.router, prefix="/api")
@@ -148,9 +152,17 @@ def principal(request: Request) -> Principal:
     if cached is not None:
         return cached
     header = request.headers.get("authorization", "")
+    if not header:
+        from dicomshare.web.auth import session_principal  # lazy: auth imports this module
+
+        by_session = session_principal(request)  # 403 if an unsafe method lacks X-CSRF-Token
+        if by_session is not None:
+            by_session = by_session.with_source(client_of(request))
+            request.state.principal = by_session
+            return by_session
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        raise Unauthenticated("a bearer token is required (Authorization: Bearer <token>)")
+        raise Unauthenticated("log in, or send a bearer token (Authorization: Bearer <token>)")
     identities: Identities = request.app.state.identities
     found = identities.authenticate(secret.strip())
     if found is None:
