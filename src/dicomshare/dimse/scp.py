@@ -41,9 +41,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -54,14 +53,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta, split_dataset
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
-from pynetdicom.presentation import PresentationContext, build_context, build_role
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities
-from dicomshare.access.policy import Action, Principal, visibility
+from dicomshare.access.policy import Action, Principal
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
@@ -70,14 +68,13 @@ from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import Condition, Kind, Query
 from dicomshare.dimse import translate
 from dicomshare.dimse.aes import AERegistry
+from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
 from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound, StorageFailure
 from dicomshare.storage.base import StoredInstance, TempBlob
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
-COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
-COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
 PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
 PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
 MAX_CONTEXTS = 128
@@ -87,7 +84,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 # -- the service -----------------------------------------------------------------------------
-class DicomService:
+class DicomService(StorageCommitment):
     """One listening AE on ``dicom_host:dicom_port``; start() returns at once."""
 
     def __init__(self, settings: Settings, archive: Archive, access: Access | None = None) -> None:
@@ -342,7 +339,8 @@ class DicomService:
             if request.issuer:
                 conds.append(Condition((0x00100021,), Kind.SINGLE, request.issuer, "LO"))
             rows = self.access.search(who, Query(Level.STUDY, conds))
-            places: list[tuple[str, str | None]] = [(_uid(r, "0020000D"), None) for r in rows]
+            places: list[tuple[str, str | None]] = [
+                (translate.first_value(r, "0020000D"), None) for r in rows]
         elif level is Level.STUDY:
             places = [(uid, None) for uid in uids[Level.STUDY]]
         else:
@@ -367,108 +365,12 @@ class DicomService:
                  for lvl in (Level.STUDY, Level.SERIES)[:1 if level is Level.SERIES else 2]
                  if lvl in request.uids]
         places: list[tuple[str, str | None]] = []
-        for chunk in _chunks(request.uids[level]):
+        for chunk in translate.chunks(request.uids[level]):
             cond = translate.uid_condition(translate.UNIQUE_KEY[level], chunk)
             for row in self.access.search(who, Query(level, [*above, cond]), audit=False):
-                places.append((_uid(row, "0020000D"), _uid(row, "0020000E")))
+                places.append((translate.first_value(row, "0020000D"),
+                               translate.first_value(row, "0020000E")))
         return places
-
-    # -- Storage Commitment ----------------------------------------------------------------
-    def _on_n_action(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        """Accept the request now; answer it with N-EVENT-REPORT once the response is out."""
-        request = event.request
-        if str(getattr(request, "RequestedSOPInstanceUID", "")) != COMMITMENT_INSTANCE:
-            return translate.failure(0x0112, "not the Storage Commitment SOP Instance "
-                            f"{COMMITMENT_INSTANCE}"), None
-        if event.action_type != 1:
-            return translate.failure(0x0123, f"no action type {event.action_type} (only 1)"), None
-        try:
-            transaction, refs = translate.commitment_request(event.action_information)
-        except Exception as exc:  # noqa: BLE001
-            reason = exc.reason if isinstance(exc, DicomshareError) else str(exc)
-            return translate.failure(0x0115, f"invalid Action Information: {reason}"), None
-        assoc = event.assoc
-        report = partial(self._commitment_report, assoc, transaction, refs)
-        inbox = self._inbox(assoc)
-        if inbox is not None:
-            inbox.after_response(report)
-        else:
-            threading.Thread(target=report, daemon=True).start()
-        return SUCCESS, None
-
-    def _commitment_report(self, assoc: Association, transaction: str,
-                           refs: list[tuple[str, str]]) -> None:
-        """On the same association when it is still open, else on a new one to the AE."""
-        try:
-            info, event_type = self._commitment(self._caller(assoc), transaction, refs)
-        except Exception:
-            log.exception("storage commitment %s failed", transaction)
-            return
-        if assoc.is_established and not isinstance(assoc.dul.peek_next_pdu(),
-                                                   A_RELEASE | A_ABORT | A_P_ABORT):
-            try:
-                status, _ = assoc.send_n_event_report(info, event_type, COMMITMENT,
-                                                      COMMITMENT_INSTANCE)
-                if code_to_category(status.get("Status", 0xC000)) in (STATUS_SUCCESS,
-                                                                      STATUS_WARNING):
-                    return
-                log.info("storage commitment %s: refused on this association, reporting on "
-                         "a new one", transaction)
-            except Exception:  # noqa: BLE001 - the association went away meanwhile
-                log.info("storage commitment %s: association closed, reporting on a new one",
-                         transaction)
-        calling = str(assoc.requestor.ae_title).strip()
-        threading.Thread(target=self._report_elsewhere, args=(calling, info, event_type),
-                         daemon=True).start()
-
-    def _report_elsewhere(self, calling: str, info: Dataset, event_type: int) -> None:
-        peer = self.registry.get(calling)
-        if peer is None:
-            log.warning("cannot report storage commitment to %r: it is not registered",
-                        calling)
-            return
-        assoc = self.ae.associate(peer.host, peer.port, contexts=[build_context(COMMITMENT)],
-                                  ae_title=peer.ae_title,
-                                  ext_neg=[build_role(COMMITMENT, scp_role=True)])
-        if not assoc.is_established:
-            log.warning("cannot report storage commitment to %s at %s:%d", peer.ae_title,
-                        peer.host, peer.port)
-            return
-        try:
-            assoc.send_n_event_report(info, event_type, COMMITMENT, COMMITMENT_INSTANCE)
-        finally:
-            assoc.release()
-
-    def _commitment(self, who: Principal, transaction: str,
-                    refs: list[tuple[str, str]]) -> tuple[Dataset, int]:
-        """PS3.4 J.3.3: event type 1 when all are safely stored, 2 when some are not
-        (0x0112 no such object instance, 0x0119 stored with another SOP class). Only what
-        the caller may see counts: commitment never confirms someone else's instance."""
-        stored: dict[str, str] = {}
-        vis = visibility(who, Action.VIEW, self.access.grants.live_for(who))
-        for chunk in _chunks(dict.fromkeys(uid for _, uid in refs)):
-            cond = translate.uid_condition(0x00080018, chunk)
-            for row in self.archive.search(Query(Level.IMAGE, [cond]), visibility=vis):
-                stored[_uid(row, "00080018")] = _uid(row, "00080016")
-        done: list[Dataset] = []
-        failed: list[Dataset] = []
-        for sop_class, uid in refs:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = uid
-            if uid not in stored:
-                item.FailureReason = 0x0112
-            elif stored[uid] != sop_class:
-                item.FailureReason = 0x0119
-            (failed if "FailureReason" in item else done).append(item)
-        info = Dataset()
-        info.TransactionUID = transaction
-        info.RetrieveAETitle = self.settings.ae_title
-        if done:
-            info.ReferencedSOPSequence = done
-        if failed:
-            info.FailedSOPSequence = failed
-        return info, 2 if failed else 1
 
 
 # -- receiving: data sets straight into blobs --------------------------------------------
@@ -818,12 +720,3 @@ def _no_delay(event: evt.Event) -> None:
             pass
 
 
-def _chunks(values: Iterable[str]) -> Iterator[tuple[str, ...]]:
-    """UID lists in pieces an IN (...) clause takes on every database."""
-    it = iter(values)
-    while chunk := tuple(islice(it, PAGE)):
-        yield chunk
-
-
-def _uid(row: dict[str, Any], tag: str) -> str:
-    return str(row[tag]["Value"][0])

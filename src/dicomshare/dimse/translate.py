@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -350,3 +351,15 @@ def commitment_request(info: Dataset) -> tuple[str, list[tuple[str, str]]]:
     if not refs:
         raise InvalidInput("ReferencedSOPSequence is empty")
     return transaction, refs
+
+
+def chunks(values: Iterable[str], size: int = 500) -> Iterator[tuple[str, ...]]:
+    """UID lists in pieces an IN (...) clause takes on every database."""
+    it = iter(values)
+    while chunk := tuple(islice(it, size)):
+        yield chunk
+
+
+def first_value(row: dict[str, Any], tag: str) -> str:
+    """The first value of an attribute in a DICOM JSON search result."""
+    return str(row[tag]["Value"][0])
