@@ -183,8 +183,9 @@ class Access:
             return
         stored = [r for r in results if r.ok]
         refused = [r for r in results if not r.ok]
+        # Not waited for: an fsync per request would halve single-instance STOW rates; the
+        # writer commits within milliseconds (a crash can lose the newest read/store records).
         self.record("study.store", who, "success" if stored else "failure",
-                    wait=True,
                     patient_ids=[r.patient_id for r in stored if r.patient_id],
                     study_uids=[r.study_uid for r in stored if r.study_uid],
                     data_organisations=[who.organisation_pk] if who.organisation_pk else (),
