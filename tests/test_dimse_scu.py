@@ -459,12 +459,13 @@ def test_find_on_orthanc(server: Server, orthanc: Peer, tmp_path: Path) -> None:
 
 
 # -- JSON API --------------------------------------------------------------------------------
-def test_api_lists_peers_for_any_user(server: Server, qrscp: QRPeer) -> None:
+def test_api_lists_the_organisations_peers(server: Server, qrscp: QRPeer) -> None:
     response = server.session().get(f"{server.url}/api/remote-aes")
     assert response.status_code == 200
     titles = {ae["ae_title"]: ae for ae in response.json()}
     assert titles["QRSCP"] == {"ae_title": "QRSCP", "host": "127.0.0.1",
-                               "port": qrscp.peer.port, "description": None}
+                               "port": qrscp.peer.port, "description": None,
+                               "organisation": "test", "scopes": ["read", "write"]}
     assert server.session("dsh_wrong").get(f"{server.url}/api/remote-aes").status_code == 401
     assert requests.get(f"{server.url}/api/remote-aes", timeout=10).status_code == 401
     # credentials are checked before the body is looked at

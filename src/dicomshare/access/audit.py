@@ -24,9 +24,7 @@ import hmac
 import json
 import logging
 import os
-import queue
 import secrets
-import socket
 import threading
 import time
 import weakref
@@ -37,15 +35,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from sqlalchemy import ColumnElement, and_, insert, or_, select, text
+from sqlalchemy import ColumnElement, Text, and_, cast, insert, or_, select, text
 from sqlalchemy.engine import Engine, Row
 
 from dicomshare.errors import DicomshareError
 from dicomshare.storage import schema as s
 
 if TYPE_CHECKING:
+    from dicomshare.access.audit_export import SyslogForwarder
     from dicomshare.access.policy import Principal
     from dicomshare.config import Settings
 
@@ -178,7 +176,7 @@ def canonical_json(value: Any) -> str:
 
 
 def chain_hash(key: bytes, prev_hash: str, content: Mapping[str, Any]) -> str:
-    message = prev_hash.encode("ascii") + canonical_json(content).encode("utf-8")
+    message = prev_hash.encode("utf-8", "replace") + canonical_json(content).encode("utf-8")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
@@ -208,10 +206,10 @@ def verify_chain(records: Iterable[tuple[int | None, AuditRecord]], key: bytes,
             # came in after its successor.
             report.problems.append(f"seq {prev_seq}: out of order: stored after seq "
                                    f"{rec.seq} (inserted later)")
-        if not hmac.compare_digest(chain_hash(key, rec.prev_hash, rec.content()), rec.hash):
+        if not _same(chain_hash(key, rec.prev_hash, rec.content()), rec.hash):
             report.problems.append(f"seq {rec.seq}: hash does not match its content: the "
                                    f"record was edited or forged (or another key is in use)")
-        if rec.seq in wanted and not hmac.compare_digest(wanted.pop(rec.seq), rec.hash):
+        if rec.seq in wanted and not _same(wanted.pop(rec.seq), rec.hash):
             report.problems.append(f"seq {rec.seq}: hash differs from the anchor written "
                                    f"down earlier: the trail was rewritten")
         prev_seq, prev_hash, prev_pos = rec.seq, rec.hash, pos
@@ -220,6 +218,11 @@ def verify_chain(records: Iterable[tuple[int | None, AuditRecord]], key: bytes,
         report.problems.append(f"seq {seq}: missing although an anchor names it: the trail "
                                f"ends at seq {report.last_seq} (newest records deleted)")
     return report
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison that also takes edited, non-ASCII values."""
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -336,16 +339,36 @@ def _row(rec: AuditRecord) -> dict[str, Any]:
 
 
 def _record(row: Row[Any]) -> AuditRecord:
+    """A row as a record. Values edited into something unreadable are kept under
+    ``__unreadable__`` in details, so the hash check reports the record."""
     m = row._mapping
-    at: datetime = m["at"]
-    orgs = m["data_organisations"] or ""
+    unreadable: dict[str, Any] = {}
+    try:
+        details = json.loads(m["details"])
+    except (TypeError, ValueError):
+        details = None
+    if not isinstance(details, dict):
+        details, unreadable["details"] = {}, m["details"]
+    raw_orgs = m["data_organisations"] or ""
+    try:
+        orgs = tuple(int(o) for o in raw_orgs.strip(",").split(",") if o)
+    except ValueError:
+        orgs, unreadable["data_organisations"] = (), raw_orgs
+    if unreadable:
+        details = {**details, "__unreadable__": unreadable}
+    at = m["at"]
+    if isinstance(at, str):  # read as text: the stored value was not a readable time
+        try:
+            at = parse_utc(at.replace(" ", "T", 1))
+        except ValueError:
+            at = datetime(1970, 1, 1, tzinfo=UTC)
+            details = {**details, "__unreadable__": {**unreadable, "at": m["at"]}}
     return AuditRecord(
-        seq=int(m["seq"]), at=at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC),
-        action=m["action"], outcome=m["outcome"], actor_user=m["actor_user"],
-        actor_organisation=m["actor_organisation_pk"], actor_kind=m["actor_kind"],
-        source=m["source"], patient_id=m["patient_id"], study_uid=m["study_instance_uid"],
-        data_organisations=tuple(int(o) for o in orgs.strip(",").split(",") if o),
-        details=json.loads(m["details"]), prev_hash=m["prev_hash"], hash=m["hash"])
+        seq=int(m["seq"]), at=_utc(at), action=m["action"], outcome=m["outcome"],
+        actor_user=m["actor_user"], actor_organisation=m["actor_organisation_pk"],
+        actor_kind=m["actor_kind"], source=m["source"], patient_id=m["patient_id"],
+        study_uid=m["study_instance_uid"], data_organisations=orgs, details=details,
+        prev_hash=m["prev_hash"], hash=m["hash"])
 
 
 def _utc(at: datetime) -> datetime:
@@ -359,6 +382,7 @@ class AuditLog:
     processes append to the same chain safely."""
 
     _process_lock = threading.Lock()  # appends of every instance in this process
+    _held_fd: int | None = None  # the lock file descriptor while an append holds the flock
 
     def __init__(self, engine: Engine, key: bytes, syslog: str = "",
                  lock_path: str | None = None) -> None:
@@ -372,12 +396,16 @@ class AuditLog:
             lock_path = f"{database}.auditlock" if database and database != ":memory:" \
                 else None
         self._lock_path = lock_path
-        self._forwarder = SyslogForwarder(syslog) if syslog else None
+        self._forwarder: SyslogForwarder | None = None
+        if syslog:
+            from dicomshare.access.audit_export import SyslogForwarder  # imports this module
+
+            self._forwarder = SyslogForwarder(syslog)
         self._reset()
         ref = weakref.ref(self)
         atexit.register(_close_at_exit, ref)
-        # A forked child (server workers) starts with the parent's queue but no writer
-        # thread: it gets fresh state of its own.
+        # A forked child would start with the parent's queue (the parent's to write) and
+        # no writer thread: it gets fresh state of its own.
         os.register_at_fork(after_in_child=lambda: _reset_in_child(ref))
 
     def _reset(self) -> None:
@@ -520,11 +548,13 @@ class AuditLog:
             if self._lock_path is None:
                 yield
                 return
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                AuditLog._held_fd = fd
                 yield
             finally:
+                AuditLog._held_fd = None
                 os.close(fd)  # closing releases the flock
 
     # -- reading ----------------------------------------------------------------------------
@@ -596,14 +626,31 @@ class AuditLog:
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> VerifyReport:
         """Walk the whole chain in seq order. ``anchors``: (seq, hash) pairs written down
         earlier (or taken from an export); each must still be there, unchanged."""
-        return verify_chain(self._rows(0), self._key, anchors)
+        failures: list[Exception] = []
+
+        def guarded() -> Iterator[tuple[int, AuditRecord]]:
+            try:
+                yield from self._rows(0)
+            except (ValueError, TypeError, KeyError) as exc:  # a value no driver can read
+                failures.append(exc)
+
+        report = verify_chain(guarded(), self._key, anchors)
+        if failures:
+            report.problems.append(f"records after seq {report.last_seq}: unreadable (the "
+                                   f"table was edited): {failures[0]}")
+        return report
 
     def _rows(self, since_seq: int) -> Iterator[tuple[int, AuditRecord]]:
         after = since_seq
         while True:
+            page = select(_t).where(_t.c.seq > after).order_by(_t.c.seq).limit(_PAGE)
             with self.engine.connect() as conn:
-                rows = conn.execute(select(_t).where(_t.c.seq > after).order_by(_t.c.seq)
-                                    .limit(_PAGE)).all()
+                try:
+                    rows = conn.execute(page).all()
+                except ValueError:  # an edited time the driver cannot read: take it as text
+                    rows = conn.execute(page.with_only_columns(
+                        *(cast(c, Text).label("at") if c.name == "at" else c
+                          for c in _t.c))).all()
             for row in rows:
                 yield int(row._mapping["pk"]), _record(row)
             if len(rows) < _PAGE:
@@ -625,8 +672,16 @@ def _studies(rec: AuditRecord) -> tuple[str, ...]:
 
 
 def _new_process_lock() -> None:
-    """A child forked while a writer held the lock would otherwise inherit it locked."""
+    """A child forked while a writer appended would otherwise inherit the thread lock
+    locked, and a copy of the flocked descriptor that keeps every process waiting for as
+    long as the child lives."""
     AuditLog._process_lock = threading.Lock()
+    if AuditLog._held_fd is not None:
+        try:
+            os.close(AuditLog._held_fd)
+        except OSError:
+            pass
+        AuditLog._held_fd = None
 
 
 os.register_at_fork(after_in_child=_new_process_lock)
@@ -650,139 +705,5 @@ def _close_at_exit(ref: weakref.ref[AuditLog]) -> None:
             log.exception("closing the audit log at exit failed")
 
 
-# -- syslog forwarding ----------------------------------------------------------------------
-FACILITY_AUTHPRIV = 10
-SEVERITY_WARNING, SEVERITY_NOTICE = 4, 5
-SD_ID = "dicomshare@32473"  # 32473: the enterprise number RFC 5612 sets aside for examples
-_UDP_MAX = 60000  # bytes; larger records go out without their details
-
-
-def _printable(value: str, limit: int) -> str:
-    """RFC 5424 header fields: printable US-ASCII, no spaces, not empty."""
-    clean = "".join(c if 33 <= ord(c) <= 126 else "_" for c in value)[:limit]
-    return clean or "-"
-
-
-def _sd_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
-
-
-def syslog_message(record: AuditRecord, hostname: str | None = None,
-                   procid: int | None = None, max_bytes: int | None = None) -> bytes:
-    """One RFC 5424 message: authpriv, notice (warning unless success), MSGID = action,
-    seq/hash/outcome/user as structured data, the JSON record as MSG."""
-    severity = SEVERITY_NOTICE if record.outcome == "success" else SEVERITY_WARNING
-    stamp = record.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    host = _printable(hostname if hostname is not None else socket.gethostname(), 255)
-    params = [("seq", str(record.seq)), ("hash", record.hash), ("outcome", record.outcome)]
-    if record.actor_user is not None:
-        params.append(("user", record.actor_user))
-    sd = "[" + SD_ID + "".join(f' {k}="{_sd_value(v)}"' for k, v in params) + "]"
-    head = (f"<{FACILITY_AUTHPRIV * 8 + severity}>1 {stamp} {host} dicomshare "
-            f"{procid if procid is not None else os.getpid()} "
-            f"{_printable(record.action, 32)} {sd} ").encode()
-    body = canonical_json(record.as_dict()).encode("utf-8")
-    if max_bytes is not None and len(head) + 3 + len(body) > max_bytes:
-        short = {**record.as_dict(), "details": {"truncated": True}}
-        body = canonical_json(short).encode("utf-8")
-    return head + b"\xef\xbb\xbf" + body  # MSG-UTF8: BOM, then UTF-8
-
-
-class SyslogForwarder:
-    """Sends committed records to a collector from its own thread: a slow or dead collector
-    never delays recording. Failures are logged; the records stay in the database."""
-
-    def __init__(self, url: str, queue_size: int = 10000) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("udp", "tcp") or not parts.hostname or not parts.port:
-            raise AuditError(f"audit syslog must be udp://host:port or tcp://host:port, "
-                             f"not {url!r}")
-        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
-        self._hostname = socket.gethostname()
-        self._queue_size = queue_size
-        self._reset()
-
-    def _reset(self) -> None:
-        self._queue: queue.Queue[AuditRecord | None] = queue.Queue(self._queue_size)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._addr: Any = None
-        self._quiet_until = 0.0  # after a failure: drop instead of reconnecting per record
-        self._dropped = 0
-
-    def send(self, records: Sequence[AuditRecord]) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="audit-syslog",
-                                                daemon=True)
-                self._thread.start()
-        for rec in records:
-            try:
-                self._queue.put_nowait(rec)
-            except queue.Full:
-                self._dropped += 1
-                if self._dropped % 1000 == 1:
-                    log.warning("audit syslog queue full: %d records not forwarded",
-                                self._dropped)
-
-    def close(self, timeout: float = 10) -> None:
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
-            thread.join(timeout)
-        self._thread = None
-        self._disconnect()
-
-    def _run(self) -> None:
-        while True:
-            rec = self._queue.get()
-            if rec is None:
-                return
-            if time.monotonic() < self._quiet_until:
-                self._dropped += 1
-                continue
-            try:
-                self._transmit(rec)
-                if self._dropped:
-                    log.warning("audit syslog forwarding resumed; %d records were not "
-                                "forwarded (they are in the database)", self._dropped)
-                    self._dropped = 0
-            except OSError:
-                self._disconnect()
-                try:  # one reconnect: a collector restart should cost nothing
-                    self._transmit(rec)
-                    self._dropped = 0
-                except OSError as exc:
-                    self._disconnect()
-                    self._dropped += 1
-                    self._quiet_until = time.monotonic() + 5
-                    log.warning("audit syslog forwarding to %s://%s:%d failed (seq %d): %s",
-                                self.scheme, self.host, self.port, rec.seq, exc)
-
-    def _transmit(self, rec: AuditRecord) -> None:
-        if self.scheme == "udp":
-            msg = syslog_message(rec, self._hostname, max_bytes=_UDP_MAX)
-            if self._sock is None:
-                family, kind, proto, _name, addr = socket.getaddrinfo(
-                    self.host, self.port, type=socket.SOCK_DGRAM)[0]
-                self._sock, self._addr = socket.socket(family, kind, proto), addr
-            self._sock.sendto(msg, self._addr)
-            return
-        msg = syslog_message(rec, self._hostname)
-        if self._sock is None:
-            self._sock = socket.create_connection((self.host, self.port), timeout=5)
-        self._sock.sendall(str(len(msg)).encode("ascii") + b" " + msg)  # RFC 6587 framing
-
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-            self._sock = None
-
-
-__all__ = ["AuditError", "AuditEvent", "AuditLog", "AuditRecord", "SyslogForwarder",
-           "VerifyReport", "canonical_json", "chain_hash", "load_or_create_key",
-           "syslog_message", "verify_chain"]
+__all__ = ["AuditError", "AuditEvent", "AuditLog", "AuditRecord", "VerifyReport",
+           "canonical_json", "chain_hash", "load_or_create_key", "verify_chain"]

@@ -1,6 +1,7 @@
 """Audit records in the forms other systems read: JSON lines (our own record, hash and all,
-verifiable offline with the key) and DICOM audit messages (PS3.15 Annex A.5), which audit
-repositories and SIEMs understand without knowing dicomshare.
+verifiable offline with the key), DICOM audit messages (PS3.15 Annex A.5), which audit
+repositories and SIEMs understand without knowing dicomshare, and RFC 5424 syslog messages
+forwarded to a collector as records are committed (an external copy of the chain).
 
 The action -> DICOM event mapping is documented in docs/audit.md; :func:`dicom_event` is it.
 XML is built with ElementTree, so user-supplied values are always escaped.
@@ -11,13 +12,20 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
+import queue
 import re
-from collections.abc import Mapping
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
+from typing import Any
+from urllib.parse import urlsplit
 from xml.etree import ElementTree as ET
 
-from dicomshare.access.audit import AuditRecord, canonical_json
+from dicomshare.access.audit import AuditError, AuditRecord, canonical_json, log
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R Information Model - FIND
 
@@ -40,6 +48,7 @@ APPLICATION_START: Code = ("110120", "Application Start")
 APPLICATION_STOP: Code = ("110121", "Application Stop")
 LOGIN: Code = ("110122", "Login")
 LOGOUT: Code = ("110123", "Logout")
+NODE_AUTHENTICATION: Code = ("110126", "Node Authentication")
 NETWORK_CONFIGURATION: Code = ("110128", "Network Configuration")
 SECURITY_CONFIGURATION: Code = ("110129", "Security Configuration")
 RESTRICTED_FUNCTION: Code = ("110132", "Use of Restricted Function")
@@ -79,11 +88,12 @@ _EXACT: dict[str, DicomEvent] = {
     "token.tamper": DicomEvent(SECURITY_ALERT, "E", RESTRICTED_FUNCTION),
     "session.tamper": DicomEvent(SECURITY_ALERT, "E", RESTRICTED_FUNCTION),
     "security.alert": DicomEvent(SECURITY_ALERT, "E", RESTRICTED_FUNCTION),
+    "association": DicomEvent(SECURITY_ALERT, "E", NODE_AUTHENTICATION),  # DIMSE peers
     "user.role": DicomEvent(SECURITY_ALERT, "E", SECURITY_ROLES_CHANGED),
     "app.start": DicomEvent(APPLICATION_ACTIVITY, "E", APPLICATION_START),
     "app.stop": DicomEvent(APPLICATION_ACTIVITY, "E", APPLICATION_STOP),
 }
-_AUTH_FAMILIES = {"login", "logout", "session"}
+_AUTH_FAMILIES = {"login", "logout", "session", "authenticate"}
 _FAMILY: dict[str, DicomEvent] = {
     "grant": DicomEvent(SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED),
     "user": DicomEvent(SECURITY_ALERT, "E", USER_SECURITY_CHANGED),
@@ -244,4 +254,139 @@ def to_dicom_xml(record: AuditRecord, organisation_names: Mapping[int, str] | No
     return ET.tostring(root, encoding="unicode")
 
 
-__all__ = ["DicomEvent", "dicom_event", "from_json_line", "to_dicom_xml", "to_json_line"]
+
+# -- syslog forwarding ----------------------------------------------------------------------
+FACILITY_AUTHPRIV = 10
+SEVERITY_WARNING, SEVERITY_NOTICE = 4, 5
+SD_ID = "dicomshare@32473"  # 32473: the enterprise number RFC 5612 sets aside for examples
+_UDP_MAX = 60000  # bytes; larger records go out without their details
+
+
+def _printable(value: str, limit: int) -> str:
+    """RFC 5424 header fields: printable US-ASCII, no spaces, not empty."""
+    clean = "".join(c if 33 <= ord(c) <= 126 else "_" for c in value)[:limit]
+    return clean or "-"
+
+
+def _sd_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def syslog_message(record: AuditRecord, hostname: str | None = None,
+                   procid: int | None = None, max_bytes: int | None = None) -> bytes:
+    """One RFC 5424 message: authpriv, notice (warning unless success), MSGID = action,
+    seq/hash/outcome/user as structured data, the JSON record as MSG."""
+    severity = SEVERITY_NOTICE if record.outcome == "success" else SEVERITY_WARNING
+    stamp = record.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    host = _printable(hostname if hostname is not None else socket.gethostname(), 255)
+    params = [("seq", str(record.seq)), ("hash", record.hash), ("outcome", record.outcome)]
+    if record.actor_user is not None:
+        params.append(("user", record.actor_user))
+    sd = "[" + SD_ID + "".join(f' {k}="{_sd_value(v)}"' for k, v in params) + "]"
+    head = (f"<{FACILITY_AUTHPRIV * 8 + severity}>1 {stamp} {host} dicomshare "
+            f"{procid if procid is not None else os.getpid()} "
+            f"{_printable(record.action, 32)} {sd} ").encode()
+    body = canonical_json(record.as_dict()).encode("utf-8")
+    if max_bytes is not None and len(head) + 3 + len(body) > max_bytes:
+        short = {**record.as_dict(), "details": {"truncated": True}}
+        body = canonical_json(short).encode("utf-8")
+    return head + b"\xef\xbb\xbf" + body  # MSG-UTF8: BOM, then UTF-8
+
+
+class SyslogForwarder:
+    """Sends committed records to a collector from its own thread: a slow or dead collector
+    never delays recording. Failures are logged; the records stay in the database."""
+
+    def __init__(self, url: str, queue_size: int = 10000) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("udp", "tcp") or not parts.hostname or not parts.port:
+            raise AuditError(f"audit syslog must be udp://host:port or tcp://host:port, "
+                             f"not {url!r}")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self._hostname = socket.gethostname()
+        self._queue_size = queue_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._queue: queue.Queue[AuditRecord | None] = queue.Queue(self._queue_size)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._addr: Any = None
+        self._quiet_until = 0.0  # after a failure: drop instead of reconnecting per record
+        self._dropped = 0
+
+    def send(self, records: Sequence[AuditRecord]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="audit-syslog",
+                                                daemon=True)
+                self._thread.start()
+        for rec in records:
+            try:
+                self._queue.put_nowait(rec)
+            except queue.Full:
+                self._dropped += 1
+                if self._dropped % 1000 == 1:
+                    log.warning("audit syslog queue full: %d records not forwarded",
+                                self._dropped)
+
+    def close(self, timeout: float = 10) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+        self._disconnect()
+
+    def _run(self) -> None:
+        while True:
+            rec = self._queue.get()
+            if rec is None:
+                return
+            if time.monotonic() < self._quiet_until:
+                self._dropped += 1
+                continue
+            try:
+                self._transmit(rec)
+                if self._dropped:
+                    log.warning("audit syslog forwarding resumed; %d records were not "
+                                "forwarded (they are in the database)", self._dropped)
+                    self._dropped = 0
+            except OSError:
+                self._disconnect()
+                try:  # one reconnect: a collector restart should cost nothing
+                    self._transmit(rec)
+                    self._dropped = 0
+                except OSError as exc:
+                    self._disconnect()
+                    self._dropped += 1
+                    self._quiet_until = time.monotonic() + 5
+                    log.warning("audit syslog forwarding to %s://%s:%d failed (seq %d): %s",
+                                self.scheme, self.host, self.port, rec.seq, exc)
+
+    def _transmit(self, rec: AuditRecord) -> None:
+        if self.scheme == "udp":
+            msg = syslog_message(rec, self._hostname, max_bytes=_UDP_MAX)
+            if self._sock is None:
+                family, kind, proto, _name, addr = socket.getaddrinfo(
+                    self.host, self.port, type=socket.SOCK_DGRAM)[0]
+                self._sock, self._addr = socket.socket(family, kind, proto), addr
+            self._sock.sendto(msg, self._addr)
+            return
+        msg = syslog_message(rec, self._hostname)
+        if self._sock is None:
+            self._sock = socket.create_connection((self.host, self.port), timeout=5)
+        self._sock.sendall(str(len(msg)).encode("ascii") + b" " + msg)  # RFC 6587 framing
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+
+__all__ = ["DicomEvent", "SyslogForwarder", "dicom_event", "from_json_line", "syslog_message",
+           "to_dicom_xml", "to_json_line"]
