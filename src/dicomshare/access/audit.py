@@ -393,7 +393,7 @@ class AuditLog:
         self._postgres = engine.dialect.name == "postgresql"
         if lock_path is None and engine.dialect.name == "sqlite":
             database = engine.url.database
-            lock_path = f"{database}.auditlock" if database and database != ":memory:" \
+            lock_path = f"{database}.writelock" if database and database != ":memory:" \
                 else None
         self._lock_path = lock_path
         self._forwarder: SyslogForwarder | None = None

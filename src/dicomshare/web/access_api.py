@@ -75,9 +75,10 @@ def _access(request: Request) -> Access:
     return request.app.state.access
 
 
-def _audit(request: Request, action: str, who: Principal, details: dict[str, Any],
+async def _audit(request: Request, action: str, who: Principal, details: dict[str, Any],
            outcome: str = "success") -> None:
-    _access(request).record(action, who, outcome, wait=True, details=details)
+    await run_in_threadpool(lambda: _access(request).record(
+        action, who, outcome, wait=True, details=details))
 
 
 # -- organisations ---------------------------------------------------------------------------
@@ -102,7 +103,7 @@ async def list_organisations(request: Request, who: Caller) -> list[Organisation
 async def create_organisation(request: Request, body: OrganisationCreate,
                               who: SiteManager) -> OrganisationModel:
     org = await run_in_threadpool(_identities(request).create_organisation, body.name)
-    _audit(request, "organisation.create", who, {"organisation": org.name})
+    await _audit(request, "organisation.create", who, {"organisation": org.name})
     return OrganisationModel(id=org.id, name=org.name, created_at=org.created_at)
 
 
@@ -163,7 +164,7 @@ async def create_user(request: Request, body: UserCreate, who: Manager) -> UserM
         lambda: _identities(request).create_user(body.name, organisation, body.role,
                                                  body.password, superuser=body.superuser,
                                                  create_organisation=False))
-    _audit(request, "user.create", who, {"user": user.name, "organisation": user.organisation,
+    await _audit(request, "user.create", who, {"user": user.name, "organisation": user.organisation,
                                         "role": user.role, "superuser": user.superuser})
     return _user_model(user)
 
@@ -184,7 +185,7 @@ async def update_user(request: Request, name: str, body: UserUpdate,
     changes = body.model_dump(exclude_none=True)
     if "password" in changes:
         changes["password"] = "changed"
-    _audit(request, "user.update", who, {"user": name, **changes})
+    await _audit(request, "user.update", who, {"user": name, **changes})
     return _user_model(user)
 
 
@@ -244,7 +245,7 @@ async def create_token(request: Request, body: TokenCreate, who: Caller) -> Toke
     token_id, secret = await run_in_threadpool(
         identities.create_token, owner, body.name, body.expires_at, parse_scopes(body.scopes))
     info = await run_in_threadpool(identities.token, token_id)
-    _audit(request, "token.create", who, {"user": owner, "token_id": token_id,
+    await _audit(request, "token.create", who, {"user": owner, "token_id": token_id,
                                          "scopes": list(info.scopes)})
     return TokenCreated(token=secret, **_token_model(info))
 
@@ -261,7 +262,7 @@ async def revoke_token(request: Request, token_id: int, who: Caller) -> Response
     except NotFound:
         raise NotFound(f"no token with id {token_id}") from None
     await run_in_threadpool(identities.revoke_token, token_id)
-    _audit(request, "token.revoke", who, {"user": info.user, "token_id": token_id})
+    await _audit(request, "token.revoke", who, {"user": info.user, "token_id": token_id})
     return Response(status_code=204)
 
 
@@ -294,23 +295,23 @@ async def create_grant(request: Request, body: GrantCreate, who: Sharer) -> dict
             organisation=body.organisation, user=body.user, permissions=body.permissions,
             expires_at=body.expires_at))
     except (NotFound, Forbidden) as exc:
-        _audit(request, "grant.create", who, {"reason": exc.reason, "study": body.study_uid,
+        await _audit(request, "grant.create", who, {"reason": exc.reason, "study": body.study_uid,
                                              "patient_id": body.patient_id}, "denied")
         raise
-    _access(request).record(
+    await run_in_threadpool(lambda: _access(request).record(
         "grant.create", who, wait=True,
         patient_ids=[grant.patient_id] if grant.patient_id else (),
-        study_uids=[grant.study_uid] if grant.study_uid else (), details=grant.as_json())
+        study_uids=[grant.study_uid] if grant.study_uid else (), details=grant.as_json()))
     return grant.as_json()
 
 
 @router.delete("/grants/{grant_id}")
 async def revoke_grant(request: Request, grant_id: int, who: Sharer) -> dict[str, Any]:
     grant = await run_in_threadpool(_grants(request).revoke, who, grant_id)
-    _access(request).record(
+    await run_in_threadpool(lambda: _access(request).record(
         "grant.revoke", who, wait=True,
         patient_ids=[grant.patient_id] if grant.patient_id else (),
-        study_uids=[grant.study_uid] if grant.study_uid else (), details=grant.as_json())
+        study_uids=[grant.study_uid] if grant.study_uid else (), details=grant.as_json()))
     return grant.as_json()
 
 

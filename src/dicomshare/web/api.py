@@ -163,7 +163,7 @@ async def put_remote_ae(request: Request, title: str, body: RemoteAEUpdate,
         raise Forbidden("only superusers register peers for other organisations")
     ae = await run_in_threadpool(registry.add, title, body.host, body.port, body.description,
                                  True, body.organisation or who.organisation, body.scopes)
-    _audit(request, "config.remote-ae", who, {"ae_title": ae.ae_title, "host": ae.host,
+    await _audit(request, "config.remote-ae", who, {"ae_title": ae.ae_title, "host": ae.host,
                                              "port": ae.port, "scopes": list(ae.scopes)})
     return _model(ae)
 
@@ -174,13 +174,13 @@ async def delete_remote_ae(request: Request, title: str, who: Manager) -> Respon
     _, _, registry = _context(request)
     await run_in_threadpool(registry.usable_by, who, title)
     await run_in_threadpool(registry.remove, title)
-    _audit(request, "config.remote-ae", who, {"ae_title": title, "removed": True})
+    await _audit(request, "config.remote-ae", who, {"ae_title": title, "removed": True})
     return Response(status_code=204)
 
 
-def _audit(request: Request, action: str, who: Principal, details: dict[str, Any]) -> None:
+async def _audit(request: Request, action: str, who: Principal, details: dict[str, Any]) -> None:
     access: Access = request.app.state.access
-    access.record(action, who, wait=True, details=details)
+    await run_in_threadpool(lambda: access.record(action, who, wait=True, details=details))
 
 
 @router.post("/remote-aes/{title}/find", response_model=list[dict[str, Any]])
@@ -191,7 +191,7 @@ async def remote_find(request: Request, title: str, body: FindRequest,
     peer = await run_in_threadpool(registry.usable_by, who, title)
     found = await run_in_threadpool(scu.find, settings, peer, body.level, body.keys,
                                     body.model)
-    _audit(request, "remote.find", who, {"ae_title": peer.ae_title, "level": body.level,
+    await _audit(request, "remote.find", who, {"ae_title": peer.ae_title, "level": body.level,
                                         "keys": body.keys, "matches": len(found)})
     return found
 
@@ -208,7 +208,7 @@ async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
     await run_in_threadpool(access.store_access, who)
     reports = await run_in_threadpool(scu.retrieve, archive, settings, peer, body.study_uids,
                                       body.method, who, access)
-    _audit(request, "remote.retrieve", who, {"ae_title": peer.ae_title,
+    await _audit(request, "remote.retrieve", who, {"ae_title": peer.ae_title,
                                             "study_uids": body.study_uids[:100],
                                             "method": body.method})
     return RetrieveResponse(source=peer.ae_title, studies=[
