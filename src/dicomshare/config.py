@@ -62,6 +62,8 @@ class Settings:
     oidc_client_id: str = ""
     oidc_client_secret: str = ""
     oidc_username_claim: str = "preferred_username"  # claim naming the local user
+    # A running export whose worker sent no heartbeat for this long is resumed by another.
+    export_stale_seconds: int = 60
 
     @property
     def blob_dir(self) -> Path:

@@ -115,6 +115,17 @@ _LISTED = (
 )
 
 
+def live_grants(conn: Connection, who: Principal) -> list[LiveGrant]:
+    """Grants to the caller or its organisation, neither revoked nor expired."""
+    rows = conn.execute(
+        select(g.c.pk, g.c.source_organisation_pk, g.c.permissions, g.c.study_instance_uid,
+               g.c.patient_id, g.c.issuer_of_patient_id, g.c.expires_at)
+        .where(_to_me(who), _live(_now()))).all()
+    return [LiveGrant(r[0], r[1], frozenset(r[2].split(",")), r[3],
+                      (r[4], r[5] or "") if r[3] is None and r[4] is not None else None,
+                      _aware(r[6])) for r in rows]
+
+
 def _grant(row: Any) -> Grant:
     return Grant(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                  tuple(p for p in GRANT_PERMISSIONS if p in row[7].split(",")), row[8], row[9],
@@ -127,17 +138,14 @@ class Grants:
 
     # -- what the policy needs on every request --------------------------------------------
     def live_for(self, who: Principal) -> list[LiveGrant]:
+        """The caller's live grants: read with its credentials in this request (see
+        Identities.authenticate), or now."""
         if who.superuser:
             return []
+        if who.grants is not None:
+            return list(who.grants)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(g.c.pk, g.c.source_organisation_pk, g.c.permissions,
-                       g.c.study_instance_uid, g.c.patient_id, g.c.issuer_of_patient_id,
-                       g.c.expires_at)
-                .where(_to_me(who), _live(_now()))).all()
-        return [LiveGrant(r[0], r[1], frozenset(r[2].split(",")), r[3],
-                          (r[4], r[5] or "") if r[3] is None and r[4] is not None else None,
-                          _aware(r[6])) for r in rows]
+            return live_grants(conn, who)
 
     def visibility(self, who: Principal, action: Action) -> Visibility:
         """Check the caller's role and scopes for ``action``, then say what data it opens."""

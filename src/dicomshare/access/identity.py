@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -303,16 +303,21 @@ class Identities:
         """The principal a bearer token stands for, or None (unknown, revoked, expired)."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 100:
             return None
+        from dicomshare.access.grants import live_grants
+
         with self.engine.connect() as conn:
             row = conn.execute(_BY_DIGEST, {"digest": _digest(secret)}).first()
-        if row is None or row.revoked_at is not None or row.disabled_at is not None:
-            return None
-        expires = _aware(row.expires_at)
-        if expires is not None and expires <= _now():
-            return None
-        return Principal(row[3], row[5], row[4], token_id=row[0], user_pk=row.user_pk,
-                         organisation_pk=row.organisation_pk, superuser=bool(row.superuser),
-                         scopes=parse_scopes(row.scopes), kind="token")
+            if row is None or row.revoked_at is not None or row.disabled_at is not None:
+                return None
+            expires = _aware(row.expires_at)
+            if expires is not None and expires <= _now():
+                return None
+            who = Principal(row[3], row[5], row[4], token_id=row[0], user_pk=row.user_pk,
+                            organisation_pk=row.organisation_pk,
+                            superuser=bool(row.superuser), scopes=parse_scopes(row.scopes),
+                            kind="token")
+            # The grants of this request, on the same connection: one round trip less.
+            return who if who.superuser else replace(who, grants=tuple(live_grants(conn, who)))
 
     def bootstrap(self) -> str | None:
         """On an archive without users, create the superuser `admin` and return its first

@@ -33,11 +33,12 @@ class Action(StrEnum):
     MANAGE_ORGANISATION = "organisation.manage"  # users, tokens, AE titles of one's own org
     MANAGE_SITE = "site.manage"  # organisations; users and AE titles of any organisation
     REMOTE = "remote.use"  # C-FIND / retrieve against registered peers
+    RESEARCH = "research.export"  # cohort counts and de-identified exports
 
 
 ROLES = ("admin", "clinician", "uploader", "researcher", "auditor")
 SCOPES = ("read", "write", "share", "admin")
-GRANT_PERMISSIONS = ("view", "download", "add-series", "re-share")
+GRANT_PERMISSIONS = ("view", "download", "add-series", "re-share", "research")
 
 _DATA_READ = {Action.SEARCH, Action.VIEW, Action.DOWNLOAD}
 
@@ -45,13 +46,13 @@ ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     "admin": frozenset(set(Action) - {Action.MANAGE_SITE}),
     "clinician": frozenset(_DATA_READ | {Action.STORE, Action.SHARE, Action.REMOTE}),
     "uploader": frozenset({Action.STORE}),
-    # De-identified exports (the research issue) are the researcher's only way to data.
-    "researcher": frozenset(),
+    # De-identified cohorts and exports are the researcher's only way to data.
+    "researcher": frozenset({Action.RESEARCH}),
     "auditor": frozenset({Action.AUDIT_READ}),
 }
 
 SCOPE_ACTIONS: dict[str, frozenset[Action]] = {
-    "read": frozenset(_DATA_READ | {Action.AUDIT_READ, Action.REMOTE}),
+    "read": frozenset(_DATA_READ | {Action.AUDIT_READ, Action.REMOTE, Action.RESEARCH}),
     "write": frozenset({Action.STORE}),
     "share": frozenset({Action.SHARE}),
     "admin": frozenset({Action.DELETE, Action.MANAGE_ORGANISATION, Action.MANAGE_SITE}),
@@ -63,6 +64,9 @@ GRANT_ACTIONS: dict[str, frozenset[Action]] = {
     "download": frozenset(_DATA_READ),
     "add-series": frozenset({Action.STORE}),
     "re-share": frozenset({Action.SHARE}),
+    # The grantee's researchers may put the data in de-identified exports (and see nothing
+    # identifiable).
+    "research": frozenset({Action.RESEARCH}),
 }
 
 
@@ -106,6 +110,9 @@ class Principal:
     scopes: frozenset[str] = frozenset(SCOPES)
     kind: str = "token"  # token | session | ae | cli | link
     source: str | None = None  # client address or calling AE title
+    # Live grants read when the credentials were checked (this request), or None: read them
+    # when needed. Never kept beyond one request, so revocation stays immediate.
+    grants: tuple[LiveGrant, ...] | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -142,6 +149,7 @@ _VERBS = {
     Action.AUDIT_READ: "read the audit trail",
     Action.MANAGE_ORGANISATION: "manage its organisation",
     Action.MANAGE_SITE: "manage organisations", Action.REMOTE: "use remote archives",
+    Action.RESEARCH: "build research cohorts and exports",
 }
 
 
@@ -171,6 +179,13 @@ class Visibility:
     @property
     def nothing(self) -> bool:
         return not self.everything and self.organisation is None and not self.openings
+
+    def owners_for(self, study_uid: str, patient: tuple[str, str]) -> frozenset[int]:
+        """The owner organisations whose instances of this study the caller may see."""
+        owners = {self.organisation} if self.organisation is not None else set()
+        owners |= {o.source for o in self.openings
+                   if study_uid in o.studies or patient in o.patients}
+        return frozenset(owners)
 
 
 EVERYTHING = Visibility(everything=True)

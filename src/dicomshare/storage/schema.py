@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     false,
 )
 
@@ -245,4 +246,83 @@ audit_event = Table(
     Index("ix_audit_actor", "actor_user"),
     Index("ix_audit_patient", "patient_id"),
     Index("ix_audit_study", "study_instance_uid"),
+)
+
+# -- research (research/) -------------------------------------------------------------------
+
+research_project = Table(
+    "research_project",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text),
+    # The key of the project's pseudonyms and date shifts (hex). It never leaves the server:
+    # the same input maps to the same output in every export of the project.
+    Column("secret", String(128), nullable=False),
+    Column("options", String(500), nullable=False),  # default de-identification options
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("organisation_pk", "name", name="uq_research_project_name"),
+)
+
+research_optout = Table(
+    "research_optout",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_id", Text, nullable=False),
+    Column("issuer_of_patient_id", Text, nullable=False, server_default=""),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_research_optout"),
+)
+
+export_job = Table(
+    "export_job",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("project_pk", Integer, ForeignKey("research_project.pk"), nullable=False),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("query", Text, nullable=False),  # JSON CohortQuery
+    Column("options", String(500), nullable=False),
+    Column("layout", String(16), nullable=False),  # folder | zip
+    Column("state", String(16), nullable=False),  # queued | running | done | failed | cancelled
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("exported", Integer, nullable=False, server_default="0"),
+    Column("held_back", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("heartbeat_at", DateTime(timezone=True)),  # a running job without one is resumed
+    Index("ix_export_job_state", "state"),
+)
+
+export_item = Table(
+    "export_item",
+    metadata,
+    Column("job_pk", Integer, ForeignKey("export_job.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),  # exported | held | failed
+    Column("path", Text),  # inside the export
+    Column("sha256", String(64)),
+    Column("detail", Text),  # JSON: the instance's de-identification report
+)
+
+pseudonym = Table(
+    "pseudonym",
+    metadata,
+    # What each export replaced, so the project's admins can answer "who was PAT-7Q..."
+    # (e.g. to act on an incidental finding). Readable by admins only.
+    Column("project_pk", Integer, ForeignKey("research_project.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("kind", String(16), primary_key=True),  # patient | study | series | instance
+    Column("original", String(200), primary_key=True),
+    Column("pseudonym", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )

@@ -48,12 +48,12 @@ from dicomshare.errors import InvalidQuery, NotFound
 from dicomshare.storage import schema as s
 from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance
 from dicomshare.storage.visibility import (
+    instance_owned_by,
     instance_visible,
     may_add_to,
     owners_of_study,
     series_visible,
     study_visible,
-    visible_instances_join,
 )
 
 # keyword -> (level, column)
@@ -394,10 +394,9 @@ class SqlIndex:
             defaults += DEFAULT_RETURN[Level.SERIES]
         defaults = list(dict.fromkeys(defaults))
         wanted = _wanted_tags(query, defaults)
-        stats = self._study_stats(conn, [r["study_pk"] for r in rows], vis) \
-            if with_study else {}
-        counts = self._series_counts(conn, [r["series_pk"] for r in rows], vis) \
-            if with_series else {}
+        groups = _owner_groups(rows, vis)
+        stats = self._study_stats(conn, groups) if with_study else {}
+        counts = self._series_counts(conn, groups) if with_series else {}
         out = []
         for r in rows:
             ds = json.loads(r["study_json"]) if with_study else {}
@@ -415,45 +414,51 @@ class SqlIndex:
             out.append(_shape(ds, wanted, query.include_all, defaults))
         return out
 
-    def _study_stats(self, conn: Connection, pks: list[int],
-                     vis: Visibility) -> dict[int, dict[str, Any]]:
-        if not pks:
-            return {}
+    def _study_stats(self, conn: Connection,
+                     groups: dict[frozenset[int] | None, list[Any]]
+                     ) -> dict[int, dict[str, Any]]:
+        """Counts, ModalitiesInStudy and SOPClassesInStudy of the result's studies, over
+        the instances each may show (one query pair per distinct set of visible owners)."""
         stats: dict[int, dict[str, Any]] = defaultdict(_empty_study_stats)
-        counted = conn.execute(visible_instances_join(vis, (
-            select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
-                   func.count(s.instance.c.pk))
-            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(s.series.c.study_pk.in_(pks)).group_by(s.series.c.study_pk))))
-        for pk, n_series, n_inst in counted:
-            stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
-            stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
-        kinds = conn.execute(visible_instances_join(vis, (
-            select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
-            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(s.series.c.study_pk.in_(pks)).distinct())))
         modalities: dict[int, set[str]] = defaultdict(set)
         classes: dict[int, set[str]] = defaultdict(set)
-        for pk, modality, sop_class in kinds:
-            if modality:
-                modalities[pk].add(modality)
-            classes[pk].add(sop_class)
-        for pk in pks:
+        joined = s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk)
+        for owners, rows in groups.items():
+            pks = list(dict.fromkeys(r["study_pk"] for r in rows))
+            visible = instance_owned_by(owners)
+            counted = conn.execute(
+                select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
+                       func.count(s.instance.c.pk))
+                .select_from(joined).where(s.series.c.study_pk.in_(pks), visible)
+                .group_by(s.series.c.study_pk))
+            for pk, n_series, n_inst in counted:
+                stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
+                stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
+            kinds = conn.execute(
+                select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
+                .select_from(joined).where(s.series.c.study_pk.in_(pks), visible).distinct())
+            for pk, modality, sop_class in kinds:
+                if modality:
+                    modalities[pk].add(modality)
+                classes[pk].add(sop_class)
+        for pk in list(stats) + list(modalities):
             if modalities[pk]:
                 stats[pk]["00080061"] = {"vr": "CS", "Value": sorted(modalities[pk])}
             if classes[pk]:
                 stats[pk]["00080062"] = {"vr": "UI", "Value": sorted(classes[pk])}
         return stats
 
-    def _series_counts(self, conn: Connection, pks: list[int],
-                       vis: Visibility) -> dict[int, int]:
-        if not pks:
-            return {}
-        rows = conn.execute(visible_instances_join(vis, (
-            select(s.instance.c.series_pk, func.count())
-            .select_from(s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk))
-            .where(s.instance.c.series_pk.in_(pks)).group_by(s.instance.c.series_pk))))
-        return {pk: n for pk, n in rows}
+    def _series_counts(self, conn: Connection,
+                       groups: dict[frozenset[int] | None, list[Any]]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for owners, rows in groups.items():
+            pks = list(dict.fromkeys(r["series_pk"] for r in rows))
+            found = conn.execute(
+                select(s.instance.c.series_pk, func.count())
+                .where(s.instance.c.series_pk.in_(pks), instance_owned_by(owners))
+                .group_by(s.instance.c.series_pk))
+            counts.update({pk: n for pk, n in found})
+        return counts
 
     # -- retrieve, delete, check -----------------------------------------------------------
     def _located(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
@@ -594,6 +599,28 @@ def _uid(value: str) -> dict[str, Any]:
 
 def _empty_study_stats() -> dict[str, Any]:
     return {"00201206": {"vr": "IS", "Value": [0]}, "00201208": {"vr": "IS", "Value": [0]}}
+
+
+def _owner_groups(rows: list[Any], vis: Visibility
+                  ) -> dict[frozenset[int] | None, list[Any]]:
+    """Result rows by the set of owners whose instances they may show (None: all)."""
+    if not rows:
+        return {}
+    if vis.everything:
+        return {None: rows}
+    groups: dict[frozenset[int] | None, list[Any]] = defaultdict(list)
+    for row in rows:
+        patient = ("", "")
+        if vis.openings and any(o.patients for o in vis.openings):
+            study = json.loads(row["study_json"])
+            patient = (_first(study, "00100020"), _first(study, "00100021"))
+        groups[vis.owners_for(row["study_instance_uid"], patient)].append(row)
+    return groups
+
+
+def _first(ds: dict[str, Any], tag: str) -> str:
+    values = ds.get(tag, {}).get("Value") or [""]
+    return str(values[0])
 
 
 def _row_json(level: Level, row: Any) -> dict[str, Any]:

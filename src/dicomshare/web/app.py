@@ -29,6 +29,8 @@ from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.errors import DicomshareError, Forbidden, Unauthenticated
+from dicomshare.research.exports import Exports
+from dicomshare.research.projects import Projects
 
 if TYPE_CHECKING:
     from dicomshare.access.audit import AuditLog
@@ -54,9 +56,14 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     shutdown_hooks: list[Callable[[], None]] = []
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from dicomshare.research.exports import ExportWorker
+
+        worker = ExportWorker(app.state.exports, identities, grants)
+        worker.start()
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
+        worker.stop()
         for hook in shutdown_hooks:
             hook()
         if audit is not None:
@@ -71,6 +78,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.state.grants = grants
     app.state.audit = audit
     app.state.access = Access(archive, grants, audit)
+    app.state.exports = Exports(archive, app.state.access, Projects(archive.index.engine))
 
     if settings.cors_origins:
         app.add_middleware(
@@ -111,12 +119,13 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    from dicomshare.web import access_api, api, auth, dicomweb
+    from dicomshare.web import access_api, api, auth, dicomweb, research_api
 
     app.include_router(auth.router, prefix="/api")
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
     app.include_router(api.router, prefix="/api")
     app.include_router(access_api.router, prefix="/api")
+    app.include_router(research_api.router, prefix="/api")
     return app
 
 
