@@ -26,9 +26,11 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
+    false,
     func,
     or_,
     select,
+    true,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
@@ -48,12 +50,12 @@ from dicomshare.errors import InvalidQuery, NotFound
 from dicomshare.storage import schema as s
 from dicomshare.storage.base import InstanceRecord, Outcome, StoredInstance
 from dicomshare.storage.visibility import (
-    instance_owned_by,
     instance_visible,
     may_add_to,
     owners_of_study,
     series_visible,
     study_visible,
+    study_visible_by_row,
 )
 
 # keyword -> (level, column)
@@ -359,8 +361,11 @@ class SqlIndex:
         if series_uid:
             stmt = stmt.where(s.series.c.series_instance_uid == series_uid)
         if not vis.everything:
-            stmt = stmt.where({Level.STUDY: study_visible, Level.SERIES: series_visible,
-                               Level.IMAGE: instance_visible}[level](vis))
+            if level is Level.STUDY and _narrow(query):
+                stmt = stmt.where(study_visible_by_row(vis))
+            else:
+                stmt = stmt.where({Level.STUDY: study_visible, Level.SERIES: series_visible,
+                                   Level.IMAGE: instance_visible}[level](vis))
         residual: list[Condition] = []
         for cond in query.conditions:
             if cond.kind is Kind.UNIVERSAL:
@@ -418,30 +423,31 @@ class SqlIndex:
                      groups: dict[frozenset[int] | None, list[Any]]
                      ) -> dict[int, dict[str, Any]]:
         """Counts, ModalitiesInStudy and SOPClassesInStudy of the result's studies, over
-        the instances each may show (one query pair per distinct set of visible owners)."""
+        the instances each may show."""
         stats: dict[int, dict[str, Any]] = defaultdict(_empty_study_stats)
+        pks = list(dict.fromkeys(r["study_pk"] for rows in groups.values() for r in rows))
+        if not pks:
+            return stats
+        visible = _owned_in_result(groups)
+        joined = s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk)
+        counted = conn.execute(
+            select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
+                   func.count(s.instance.c.pk))
+            .select_from(joined).where(s.series.c.study_pk.in_(pks), visible)
+            .group_by(s.series.c.study_pk))
+        for pk, n_series, n_inst in counted:
+            stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
+            stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
+        kinds = conn.execute(
+            select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
+            .select_from(joined).where(s.series.c.study_pk.in_(pks), visible).distinct())
         modalities: dict[int, set[str]] = defaultdict(set)
         classes: dict[int, set[str]] = defaultdict(set)
-        joined = s.series.join(s.instance, s.instance.c.series_pk == s.series.c.pk)
-        for owners, rows in groups.items():
-            pks = list(dict.fromkeys(r["study_pk"] for r in rows))
-            visible = instance_owned_by(owners)
-            counted = conn.execute(
-                select(s.series.c.study_pk, func.count(func.distinct(s.series.c.pk)),
-                       func.count(s.instance.c.pk))
-                .select_from(joined).where(s.series.c.study_pk.in_(pks), visible)
-                .group_by(s.series.c.study_pk))
-            for pk, n_series, n_inst in counted:
-                stats[pk]["00201206"] = {"vr": "IS", "Value": [n_series]}
-                stats[pk]["00201208"] = {"vr": "IS", "Value": [n_inst]}
-            kinds = conn.execute(
-                select(s.series.c.study_pk, s.series.c.modality, s.instance.c.sop_class_uid)
-                .select_from(joined).where(s.series.c.study_pk.in_(pks), visible).distinct())
-            for pk, modality, sop_class in kinds:
-                if modality:
-                    modalities[pk].add(modality)
-                classes[pk].add(sop_class)
-        for pk in list(stats) + list(modalities):
+        for pk, modality, sop_class in kinds:
+            if modality:
+                modalities[pk].add(modality)
+            classes[pk].add(sop_class)
+        for pk in pks:
             if modalities[pk]:
                 stats[pk]["00080061"] = {"vr": "CS", "Value": sorted(modalities[pk])}
             if classes[pk]:
@@ -450,15 +456,15 @@ class SqlIndex:
 
     def _series_counts(self, conn: Connection,
                        groups: dict[frozenset[int] | None, list[Any]]) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for owners, rows in groups.items():
-            pks = list(dict.fromkeys(r["series_pk"] for r in rows))
-            found = conn.execute(
-                select(s.instance.c.series_pk, func.count())
-                .where(s.instance.c.series_pk.in_(pks), instance_owned_by(owners))
-                .group_by(s.instance.c.series_pk))
-            counts.update({pk: n for pk, n in found})
-        return counts
+        pks = list(dict.fromkeys(r["series_pk"] for rows in groups.values() for r in rows))
+        if not pks:
+            return {}
+        found = conn.execute(
+            select(s.instance.c.series_pk, func.count())
+            .select_from(s.instance.join(s.series, s.instance.c.series_pk == s.series.c.pk))
+            .where(s.instance.c.series_pk.in_(pks), _owned_in_result(groups))
+            .group_by(s.instance.c.series_pk))
+        return {pk: n for pk, n in found}
 
     # -- retrieve, delete, check -----------------------------------------------------------
     def _located(self, study_uid: str, series_uid: str | None, sop_uid: str | None,
@@ -616,6 +622,35 @@ def _owner_groups(rows: list[Any], vis: Visibility
             patient = (_first(study, "00100020"), _first(study, "00100021"))
         groups[vis.owners_for(row["study_instance_uid"], patient)].append(row)
     return groups
+
+
+_NARROWING = {"StudyInstanceUID", "PatientID", "AccessionNumber", "SeriesInstanceUID",
+              "SOPInstanceUID"}
+
+
+def _narrow(query: Query) -> bool:
+    """An exact value or UID list on a selective indexed key: few candidate studies."""
+    return any(c.keyword in _NARROWING and c.kind in (Kind.SINGLE, Kind.LIST)
+               and not c.is_nested for c in query.conditions)
+
+
+def _owned_in_result(groups: dict[frozenset[int] | None, list[Any]]) -> Any:
+    """Instances (``instance`` and ``series`` in scope) whose owner is visible for their
+    study: one condition for a whole page of results, with IN lists no longer than it."""
+    if None in groups:
+        return true()
+    by_owner: dict[int, set[int]] = defaultdict(set)
+    everywhere = {r["study_pk"] for rows in groups.values() for r in rows}
+    for owners, rows in groups.items():
+        for owner in owners or ():
+            by_owner[owner] |= {r["study_pk"] for r in rows}
+    parts = [(s.instance_owner.c.organisation_pk == owner) if studies == everywhere else
+             and_(s.instance_owner.c.organisation_pk == owner,
+                  s.series.c.study_pk.in_(sorted(studies)))
+             for owner, studies in sorted(by_owner.items())]
+    if not parts:
+        return false()
+    return exists().where(s.instance_owner.c.instance_pk == s.instance.c.pk, or_(*parts))
 
 
 def _first(ds: dict[str, Any], tag: str) -> str:

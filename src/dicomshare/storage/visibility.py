@@ -74,6 +74,16 @@ def study_visible(vis: Visibility) -> ColumnElement[bool]:
     return false() if pks is None else s.study.c.pk.in_(pks)
 
 
+@lru_cache(maxsize=_CACHED)
+def study_visible_by_row(vis: Visibility) -> ColumnElement[bool]:
+    """The same as :func:`study_visible`, tested row by row: cheaper when the other
+    conditions already narrow the search to a few studies (a PatientID, a UID)."""
+    if vis.everything:
+        return true()
+    return exists().where(_VIS_SO.c.study_pk == s.study.c.pk,
+                          owned_by_visible(vis, _VIS_SO.c.organisation_pk))
+
+
 def _visible_study_pks(vis: Visibility) -> Select[Any] | CompoundSelect | None:
     """The keys of the studies with an owner :func:`owned_by_visible` lets the caller see
     (None: no study), from two index-driven SELECTs: the studies its organisation owns
@@ -139,15 +149,3 @@ def may_add_to(vis: Visibility | None, owner: int | None, study_uid: str,
         return True
     return any(o.source in owners and (study_uid in o.studies or patient in o.patients)
                for o in vis.openings)
-
-
-def instance_owned_by(owners: frozenset[int] | None) -> ColumnElement[bool]:
-    """The instance (``instance`` in scope) has one of these owners (None: any). For
-    counting the rows of a result, whose visible owners are known per study already:
-    a short IN list instead of the whole Visibility."""
-    if owners is None:
-        return true()
-    if not owners:
-        return false()
-    return exists().where(_VIS_IO.c.instance_pk == s.instance.c.pk,
-                          _VIS_IO.c.organisation_pk.in_(sorted(owners)))
