@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from dicomshare import __version__, cli_admin, cli_audit
+from dicomshare import __version__, cli_admin, cli_audit, cli_deid
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings, load_settings, settings_environment
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_admin.add_parsers(sub)
     cli_audit.add_parser(sub)
+    cli_deid.add_parser(sub)
 
     send = sub.add_parser("send", help="send studies to a registered peer (C-STORE)")
     send.add_argument("--to", required=True, metavar="TITLE", help="registered AE title")
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli_admin.run(settings, args)
         if args.command == "audit":
             return cli_audit.run(settings, args)
+        if args.command == "deidentify":
+            return cli_deid.run(settings, args)
         handler = {"serve": _serve, "import": _import, "check": _check, "send": _send,
                    "remote": _remote}[args.command]
         return handler(settings, args)

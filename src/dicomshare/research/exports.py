@@ -447,13 +447,13 @@ class _Run:
 
 def _report_json(report: Any) -> dict[str, Any]:
     """The engine's per-instance report, without the original identifiers."""
-    if hasattr(report, "as_json"):
-        data = dict(report.as_json())
+    if hasattr(report, "as_dict"):
+        data = dict(report.as_dict())
     elif hasattr(report, "__dict__"):
         data = dict(vars(report))
     else:
         data = {}
-    for key in ("input_sop_uid", "source", "input_path", "source_path"):
+    for key in ("input_sop_uid", "source", "output_path"):
         data.pop(key, None)
     return {k: v for k, v in data.items() if not callable(v)}
 

@@ -1,0 +1,65 @@
+"""Standard attributes that Table E.1-1 does not list but the engine keeps as they are.
+
+Table E.1-1 lists the attributes that can identify someone; everything else is left to the
+implementation. Numbers, codes (CS) and binary data are kept by default (see
+``profile.default_rule``); free text is not, because any text field can hold a name. These
+are the text attributes that carry technical or coded meaning rather than free narrative
+(the Code Sequence macro, manufacturer and model, acquisition technique, algorithm names),
+so that a de-identified instance stays usable and valid. Kept only in ordinary contexts:
+inside a sequence the table marks D (dummy) they are replaced too.
+"""
+
+from __future__ import annotations
+
+# Short text (LO, SH, UC, ST, LT, UR) with a technical, coded or product meaning.
+SAFE_TEXT = frozenset("""
+CodeValue CodingSchemeDesignator CodingSchemeVersion CodeMeaning LongCodeValue URNCodeValue
+ExtendedCodeValue ExtendedCodeMeaning CodingSchemeRegistry MappingResourceName
+CodingSchemeURL CodingSchemeExternalID CodingSchemeName CodingSchemeResponsibleOrganization
+Manufacturer ManufacturerModelName ManufacturerModelVersion ManufacturerRelatedModelGroup
+SoftwareVersions SecondaryCaptureDeviceManufacturer SecondaryCaptureDeviceManufacturerModelName
+SecondaryCaptureDeviceSoftwareVersions DetectorManufacturerName DetectorManufacturerModelName
+ReceiveCoilManufacturerName TransmitCoilManufacturerName ApplicationManufacturer
+ApplicationName ApplicationVersion AlgorithmName AlgorithmVersion AlgorithmSource
+SegmentAlgorithmName IOLManufacturer ApplicationSetupManufacturer SourceApplicatorManufacturer
+WedgeManufacturerName ProductName
+PrivateCreatorReference DimensionIndexPrivateCreator FunctionalGroupPrivateCreator
+SelectorSequencePointerPrivateCreator SelectorAttributePrivateCreator
+AttributeOccurrencePrivateCreator SelectorAttributeName SelectorAttributeKeyword
+ImplementationVersionName MIMETypeOfEncapsulatedDocument ListOfMIMETypes ConfidentialityCode
+PatientSpeciesDescription PatientBreedDescription StrainNomenclature
+GeneticModificationsNomenclature
+Radiopharmaceutical RadiopharmaceuticalRoute InterventionDrugName ContrastBolusRoute
+SourceIsotopeName ImagedNucleus SequenceName PulseSequenceName ConvolutionKernel FilterType
+TypeOfFilters ImageFilter ReceiveCoilName TransmitCoilName MultiCoilConfiguration
+MultiCoilElementName CollimatorGridName PlateType PhosphorType TriggerSourceOrType
+CardiacFramingType PVCRejection AcquisitionMode DoseModeName AcquisitionDeviceProcessingCode
+TransducerData ProcessingFunction DigitalImageFormatAcquired VideoImageFormatAcquired
+FieldOfViewDescription ASLTechniqueDescription ASLCrusherDescription ASLBolusCutoffTechnique
+ApplicableSafetyStandardDescription FilterMaterialUsedInGainCalibration
+ImageQualityIndicatorType ImageQualityIndicatorMaterial ImageQualityIndicatorSize
+PaddleDescription WedgeMaterial WedgeModelNumber EnergyWindowName OutputPower TimeSource
+AttenuationCorrectionMethod ReconstructionMethod ScatterCorrectionMethod
+DetectorLinesOfResponseUsed
+RescaleType ModalityLUTType LUTLabel LUTExplanation WindowCenterWidthExplanation
+HistogramExplanation PixelValueMappingExplanation PixelSpacingCalibrationDescription
+OphthalmicImageTypeDescription LensStatusDescription VitreousStatusDescription
+DimensionDescriptionLabel DisplayWindowLabelVector FontName CSSFontName TickLabel
+StageName ViewName TemplateType AccessoryCode PatientSupportAccessoryCode TrayAccessoryCode
+RangeShifterSetting LateralSpreadingDeviceSetting EffectiveDoseCalculationMethodDescription
+BeamName PositionReferenceIndicator TargetPositionReferenceIndicator PatientAdditionalPosition
+RequestedProcedurePriority ReportingPriority ImageDisplayFormat
+""".split())
+
+# UI attributes naming a class, syntax or scheme rather than an instance: never remapped.
+# (Any value under the standard's root 1.2.840.10008 is kept wherever it appears.)
+CLASS_UIDS = frozenset("""
+SOPClassUID ReferencedSOPClassUID MediaStorageSOPClassUID AffectedSOPClassUID
+RequestedSOPClassUID ReferencedSOPClassUIDInFile RelatedGeneralSOPClassUID
+OriginalSpecializedSOPClassUID ReferencedRelatedGeneralSOPClassUIDInFile
+RTVCommunicationSOPClassUID SOPClassesInStudy SOPClassesSupported PertinentSOPClassesInStudy
+PertinentSOPClassesInSeries TransferSyntaxUID ReferencedTransferSyntaxUIDInFile
+StoredInstanceTransferSyntaxUID AvailableTransferSyntaxUID FlowTransferSyntaxUID
+MACCalculationTransferSyntaxUID EncryptedContentTransferSyntaxUID ImplementationClassUID
+CodingSchemeUID ContextUID MappingResourceUID
+""".split())
