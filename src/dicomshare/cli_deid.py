@@ -12,9 +12,7 @@ are listed, not errors, unless ``--strict``), 1 an input was rejected, 2 bad usa
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import secrets
 import sys
 import zipfile
 from pathlib import Path
@@ -144,39 +142,12 @@ def _research_project_key(settings: Settings, name: str, organisation: str | Non
         archive.close()
 
 
-def load_or_create_key(path: Path, private_folder: bool = False) -> bytes:
-    """The key in ``path``, made once (32 random bytes, mode 0600) by linking a complete
-    temporary file, so processes racing to create it all end up with the same key."""
-    try:
-        return _check(path, path.read_bytes())
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ProjectKeyError(f"cannot read the project key {path}: {exc}") from exc
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if private_folder:
-            os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: use that one
-        finally:
-            os.unlink(tmp)
-        return _check(path, path.read_bytes())
-    except OSError as exc:
-        raise ProjectKeyError(f"cannot create the project key {path}: {exc}") from exc
+def load_or_create_key(path: Path) -> bytes:
+    """The project key file, made once (see dicomshare.keys)."""
+    from dicomshare.keys import KeyFileError
+    from dicomshare.keys import load_or_create_key as load
 
-
-def _check(path: Path, key: bytes) -> bytes:
-    if len(key) < MIN_KEY_BYTES:
-        raise ProjectKeyError(f"the project key {path} is too short ({len(key)} bytes, at least "
-                        f"{MIN_KEY_BYTES})")
-    return key
+    try:
+        return load(path, min_bytes=MIN_KEY_BYTES)
+    except KeyFileError as exc:
+        raise ProjectKeyError(str(exc)) from exc

@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 import weakref
@@ -227,32 +226,14 @@ def _same(a: str, b: str) -> bool:
 
 # -- keys -----------------------------------------------------------------------------------
 def load_or_create_key(path: Path) -> bytes:
-    """The key file, made once with 32 random bytes (0600, folder 0700). Made by linking a
-    complete temporary file, so processes racing to create it all read the same key."""
+    """The audit key file, made once (see dicomshare.keys)."""
+    from dicomshare.keys import KeyFileError
+    from dicomshare.keys import load_or_create_key as load
+
     try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won; use its key
-        finally:
-            os.unlink(tmp)
-        key = path.read_bytes()
-    except OSError as exc:
-        raise AuditError(f"cannot read the audit key {path}: {exc}") from exc
-    if len(key) < 16:
-        raise AuditError(f"the audit key {path} is too short ({len(key)} bytes)")
-    return key
+        return load(path, min_bytes=16)
+    except KeyFileError as exc:
+        raise AuditError(str(exc)) from exc
 
 
 # -- the log --------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from dicomshare import clock
 from dicomshare.access.policy import (
     GRANT_PERMISSIONS,
     Action,
@@ -55,7 +56,7 @@ class Grant:
     def state(self) -> str:
         if self.revoked_at is not None:
             return "revoked"
-        if self.expires_at is not None and self.expires_at <= _now():
+        if self.expires_at is not None and self.expires_at <= clock.now():
             return "expired"
         return "active"
 
@@ -67,23 +68,12 @@ class Grant:
             "grantee_user": self.grantee_user, "study_uid": self.study_uid,
             "patient_id": self.patient_id, "issuer_of_patient_id": self.issuer_of_patient_id,
             "permissions": list(self.permissions), "parent_id": self.parent_id,
-            "created_by": self.created_by, "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at), "revoked_at": _iso(self.revoked_at),
+            "created_by": self.created_by, "created_at": clock.iso(self.created_at),
+            "expires_at": clock.iso(self.expires_at), "revoked_at": clock.iso(self.revoked_at),
         }
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _live(now: datetime) -> Any:
@@ -120,16 +110,16 @@ def live_grants(conn: Connection, who: Principal) -> list[LiveGrant]:
     rows = conn.execute(
         select(g.c.pk, g.c.source_organisation_pk, g.c.permissions, g.c.study_instance_uid,
                g.c.patient_id, g.c.issuer_of_patient_id, g.c.expires_at)
-        .where(_to_me(who), _live(_now()))).all()
+        .where(_to_me(who), _live(clock.now()))).all()
     return [LiveGrant(r[0], r[1], frozenset(r[2].split(",")), r[3],
                       (r[4], r[5] or "") if r[3] is None and r[4] is not None else None,
-                      _aware(r[6])) for r in rows]
+                      clock.aware(r[6])) for r in rows]
 
 
 def _grant(row: Any) -> Grant:
     return Grant(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                  tuple(p for p in GRANT_PERMISSIONS if p in row[7].split(",")), row[8], row[9],
-                 _aware(row[10]), _aware(row[11]), _aware(row[12]))  # type: ignore[arg-type]
+                 clock.aware(row[10]), clock.aware(row[11]), clock.aware(row[12]))
 
 
 class Grants:
@@ -170,10 +160,10 @@ class Grants:
             raise InvalidInput("study_uid must have 1 to 64 characters")
         if patient is not None and not 0 < len(patient[0]) <= 64:
             raise InvalidInput("patient_id must have 1 to 64 characters")
-        now = _now()
+        now = clock.now()
         if expires_at is not None:
-            expires_at = _aware(expires_at)
-            if expires_at <= now:  # type: ignore[operator]
+            expires_at = clock.aware(expires_at)
+            if expires_at <= now:
                 raise InvalidInput("expires_at is in the past")
         with self.engine.begin() as conn:
             grantee_org, grantee_user = self._grantee(conn, organisation, user)
@@ -261,7 +251,7 @@ class Grants:
         if study_uid:
             stmt = stmt.where(g.c.study_instance_uid == study_uid)
         if active_only:
-            stmt = stmt.where(_live(_now()))
+            stmt = stmt.where(_live(clock.now()))
         with self.engine.connect() as conn:
             return [_grant(r) for r in conn.execute(stmt.limit(10000))]
 
@@ -282,7 +272,7 @@ class Grants:
             if not (who.superuser or row[0] == who.organisation_pk or row[1] == who.user_pk):
                 raise Forbidden("only the organisation that shared, or the grant's creator, "
                                 "may revoke it")
-            now = _now()
+            now = clock.now()
             todo = [grant_id]
             while todo:
                 conn.execute(update(g).where(g.c.pk.in_(todo), g.c.revoked_at.is_(None))
@@ -301,7 +291,7 @@ class Grants:
         made = []
         sources = {o.source for o in store_access.openings
                    if study_uid in o.studies or patient in o.patients}
-        now = _now()
+        now = clock.now()
         with self.engine.begin() as conn:
             for source in sorted(sources - {who.organisation_pk}):
                 exists = conn.execute(select(g.c.pk).where(

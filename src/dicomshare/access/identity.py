@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -19,6 +19,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
+from dicomshare import clock
 from dicomshare.access.policy import ROLES, SCOPES, Principal, parse_scopes
 from dicomshare.errors import Conflict, InvalidInput, NotFound
 from dicomshare.storage import schema as s
@@ -48,7 +49,7 @@ class TokenInfo:
     def state(self) -> str:
         if self.revoked_at:
             return "revoked"
-        if self.expires_at and self.expires_at <= _now():
+        if self.expires_at and self.expires_at <= clock.now():
             return "expired"
         return "active"
 
@@ -71,19 +72,10 @@ class OrganisationInfo:
     created_at: datetime
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 _USER_COLUMNS = (s.user.c.pk, s.user.c.name, s.user.c.role, s.user.c.password_hash,
@@ -122,7 +114,8 @@ class Identities:
             pk = conn.execute(select(s.organisation.c.pk)
                               .where(s.organisation.c.name == name)).scalar_one_or_none()
             if pk is None:
-                result = conn.execute(insert(s.organisation).values(name=name, created_at=_now()))
+                result = conn.execute(insert(s.organisation).values(name=name,
+                                                                    created_at=clock.now()))
                 pk = result.inserted_primary_key[0]  # type: ignore[index]
             return int(pk)
 
@@ -144,14 +137,14 @@ class Identities:
             if missing_ok:
                 return None
             raise NotFound(f"no organisation {name!r}")
-        return OrganisationInfo(row[0], row[1], _aware(row[2]))  # type: ignore[arg-type]
+        return OrganisationInfo(row[0], row[1], clock.aware(row[2]))
 
     def organisations(self) -> list[OrganisationInfo]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(s.organisation.c.pk, s.organisation.c.name,
                                        s.organisation.c.created_at)
                                 .order_by(s.organisation.c.name)).all()
-        return [OrganisationInfo(r[0], r[1], _aware(r[2])) for r in rows]  # type: ignore[arg-type]
+        return [OrganisationInfo(r[0], r[1], clock.aware(r[2])) for r in rows]
 
     def organisation_names(self) -> dict[int, str]:
         return {o.id: o.name for o in self.organisations()}
@@ -174,7 +167,7 @@ class Identities:
             if conn.execute(select(s.user.c.pk).where(s.user.c.name == name)).first():
                 raise Conflict(f"user {name!r} already exists")
             conn.execute(insert(s.user).values(
-                name=name, organisation_pk=org_pk, role=role, created_at=_now(),
+                name=name, organisation_pk=org_pk, role=role, created_at=clock.now(),
                 superuser=superuser,
                 password_hash=_hasher.hash(password) if password else None))
         return self.user(name)
@@ -202,7 +195,7 @@ class Identities:
                 raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
             values["role"] = role
         if disabled is not None:
-            values["disabled_at"] = _now() if disabled else None
+            values["disabled_at"] = clock.now() if disabled else None
         if password is not None:
             if not 8 <= len(password) <= 1000:
                 raise InvalidInput("password must have 8 to 1000 characters")
@@ -257,7 +250,7 @@ class Identities:
         with self.engine.begin() as conn:
             result = conn.execute(insert(s.token).values(
                 user_pk=row.pk, name=name, prefix=secret[:10], secret_hash=_digest(secret),
-                created_at=_now(), expires_at=expires_at,
+                created_at=clock.now(), expires_at=expires_at,
                 scopes=",".join(sc for sc in SCOPES if sc in scopes)))
             pk = result.inserted_primary_key[0]  # type: ignore[index]
         return int(pk), secret
@@ -272,7 +265,7 @@ class Identities:
         with self.engine.begin() as conn:
             done = conn.execute(update(s.token).where(s.token.c.pk == token_id,
                                                       s.token.c.revoked_at.is_(None))
-                                .values(revoked_at=_now()))
+                                .values(revoked_at=clock.now()))
             if done.rowcount == 0:
                 exists = conn.execute(select(s.token.c.pk)
                                       .where(s.token.c.pk == token_id)).first()
@@ -295,8 +288,8 @@ class Identities:
             stmt = stmt.where(s.token.c.pk == token_id)
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        return [TokenInfo(r[0], r[1], r[2], r[3], _aware(r[4]),  # type: ignore[arg-type]
-                          _aware(r[5]), _aware(r[6]), tuple(r[7].split(",")), r[8])
+        return [TokenInfo(r[0], r[1], r[2], r[3], clock.aware(r[4]),
+                          clock.aware(r[5]), clock.aware(r[6]), tuple(r[7].split(",")), r[8])
                 for r in rows]
 
     def authenticate(self, secret: str) -> Principal | None:
@@ -309,8 +302,8 @@ class Identities:
             row = conn.execute(_BY_DIGEST, {"digest": _digest(secret)}).first()
             if row is None or row.revoked_at is not None or row.disabled_at is not None:
                 return None
-            expires = _aware(row.expires_at)
-            if expires is not None and expires <= _now():
+            expires = clock.aware(row.expires_at)
+            if expires is not None and expires <= clock.now():
                 return None
             who = Principal(row[3], row[5], row[4], token_id=row[0], user_pk=row.user_pk,
                             organisation_pk=row.organisation_pk,
@@ -339,4 +332,4 @@ def _clean_name(name: str, what: str) -> str:
 
 def _user_info(row: Any) -> UserInfo:
     return UserInfo(row.pk, row.name, row.organisation, row.role, bool(row.superuser),
-                    row.disabled_at is not None, _aware(row.created_at))  # type: ignore[arg-type]
+                    row.disabled_at is not None, clock.aware(row.created_at))

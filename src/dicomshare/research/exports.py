@@ -24,7 +24,7 @@ import threading
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pydicom
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Engine
 
+from dicomshare import clock
 from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, check, visibility
@@ -74,30 +75,19 @@ class Job:
                 "query": self.query, "options": list(self.options), "layout": self.layout,
                 "total": self.total, "exported": self.exported, "held_back": self.held_back,
                 "failed": self.failed, "error": self.error,
-                "created_at": _iso(self.created_at), "started_at": _iso(self.started_at),
-                "finished_at": _iso(self.finished_at)}
+                "created_at": clock.iso(self.created_at), "started_at": clock.iso(self.started_at),
+                "finished_at": clock.iso(self.finished_at)}
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
 
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _job(row: Any) -> Job:
     return Job(row.pk, row.project_pk, row.organisation_pk, row.state, json.loads(row.query),
                tuple(o for o in row.options.split(",") if o), row.layout, row.total,
                row.exported, row.held_back, row.failed, row.error,
-               _aware(row.created_at), _aware(row.started_at),  # type: ignore[arg-type]
-               _aware(row.finished_at))
+               clock.aware(row.created_at), clock.aware(row.started_at),
+               clock.aware(row.finished_at))
 
 
 def query_from_json(data: dict[str, Any]) -> CohortQuery:
@@ -144,7 +134,7 @@ class Exports:
                 project_pk=project.id, organisation_pk=project.organisation_pk,
                 created_by_user_pk=who.user_pk, query=json.dumps(query.as_json()),
                 options=",".join(chosen), layout=layout, state="queued",
-                total=counts.instances, created_at=_now()))
+                total=counts.instances, created_at=clock.now()))
             pk = int(result.inserted_primary_key[0])  # type: ignore[index]
         self.access.record("research.export", who, wait=True, details={
             "job": pk, "project": project.name, "query": query.as_json(),
@@ -173,7 +163,7 @@ class Exports:
         with self.engine.begin() as conn:
             conn.execute(update(_J).where(_J.c.pk == job_id,
                                           _J.c.state.in_(("queued", "running")))
-                         .values(state="cancelled", finished_at=_now()))
+                         .values(state="cancelled", finished_at=clock.now()))
         self.access.record("research.export.cancel", who, details={"job": job_id})
         return self.get(who, job_id)
 
@@ -237,7 +227,7 @@ class ExportWorker:
     def run_once(self) -> bool:
         """Claim one queued (or abandoned) job and run it; False when there is none."""
         engine = self.exports.engine
-        now = _now()
+        now = clock.now()
         stale = timedelta(seconds=self.exports.archive.settings.export_stale_seconds)
         with engine.connect() as conn:
             candidates = conn.execute(select(_J.c.pk).where(or_(
@@ -249,7 +239,7 @@ class ExportWorker:
                 claimed = conn.execute(update(_J).where(_J.c.pk == pk, or_(
                     _J.c.state == "queued",
                     (_J.c.state == "running") & (_J.c.heartbeat_at < now - stale)))
-                    .values(state="running", heartbeat_at=_now())).rowcount
+                    .values(state="running", heartbeat_at=clock.now())).rowcount
             if claimed == 1:
                 self._run(pk)
                 return True
@@ -266,7 +256,7 @@ class ExportWorker:
             who = self.identities.principal_for_user(row.creator, kind="job")
             with engine.begin() as conn:
                 conn.execute(update(_J).where(_J.c.pk == pk, _J.c.started_at.is_(None))
-                             .values(started_at=_now()))
+                             .values(started_at=clock.now()))
             done = _Run(self, pk, row, who).run()
         except DicomshareError as exc:
             self._finish(pk, "failed", exc.reason)
@@ -283,7 +273,7 @@ class ExportWorker:
     def _finish(self, pk: int, state: str, error: str | None) -> None:
         with self.exports.engine.begin() as conn:
             conn.execute(update(_J).where(_J.c.pk == pk, _J.c.state == "running")
-                         .values(state=state, error=error, finished_at=_now()))
+                         .values(state=state, error=error, finished_at=clock.now()))
 
 
 class _Run:
@@ -337,7 +327,7 @@ class _Run:
             counts = Counter(conn.execute(select(_I.c.state).where(_I.c.job_pk == self.pk))
                              .scalars())
             done = conn.execute(update(_J).where(_J.c.pk == self.pk, _J.c.state == "running")
-                                .values(heartbeat_at=_now(), exported=counts["exported"],
+                                .values(heartbeat_at=clock.now(), exported=counts["exported"],
                                         held_back=counts["held"], failed=counts["failed"]))
         return done.rowcount == 1
 
@@ -391,7 +381,7 @@ class _Run:
 
     def _remember(self, conn: Any, member: Member, manifest: dict[str, Any]) -> None:
         """The originals behind the pseudonyms, for the organisation's admins."""
-        now = _now()
+        now = clock.now()
         pairs = [("patient", f"{member.patient_id or ''}|{member.issuer_of_patient_id or ''}",
                   manifest["patient"]),
                  ("study", member.study_uid, manifest["study_uid"]),

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from dicomshare import clock
 from dicomshare.access.policy import Action, Principal, check
 from dicomshare.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dicomshare.storage import schema as s
@@ -39,17 +40,11 @@ class Project:
                 "options": list(self.options), "created_at": self.created_at.isoformat()}
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _project(row: Any) -> Project:
     return Project(row.pk, row.organisation_pk, row.name, row.description,
-                   tuple(o for o in row.options.split(",") if o), _aware(row.created_at))
+                   tuple(o for o in row.options.split(",") if o), clock.aware(row.created_at))
 
 
 _P = s.research_project
@@ -72,7 +67,7 @@ class Projects:
                 result = conn.execute(insert(_P).values(
                     organisation_pk=who.organisation_pk, name=name, description=description,
                     secret=secrets.token_hex(32), options=",".join(options),
-                    created_by_user_pk=who.user_pk, created_at=_now()))
+                    created_by_user_pk=who.user_pk, created_at=clock.now()))
                 pk = int(result.inserted_primary_key[0])  # type: ignore[index]
         except IntegrityError:
             raise Conflict(f"your organisation has a project named {name!r} already") from None
@@ -113,7 +108,7 @@ class Projects:
                 conn.execute(insert(s.research_optout).values(
                     patient_id=patient_id, issuer_of_patient_id=issuer,
                     organisation_pk=who.organisation_pk, created_by_user_pk=who.user_pk,
-                    created_at=_now(), reason=reason))
+                    created_at=clock.now(), reason=reason))
         except IntegrityError:
             pass  # opted out already: nothing to add
 
@@ -136,5 +131,5 @@ class Projects:
             stmt = stmt.where(o.c.organisation_pk == who.organisation_pk)
         with self.engine.connect() as conn:
             return [{"patient_id": r[0], "issuer_of_patient_id": r[1],
-                     "created_at": _aware(r[2]).isoformat(), "reason": r[3]}
+                     "created_at": clock.aware(r[2]).isoformat(), "reason": r[3]}
                     for r in conn.execute(stmt)]
