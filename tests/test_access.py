@@ -491,3 +491,25 @@ def test_dimse_uses_the_same_decisions(site: Site, tmp_path: Path) -> None:
     r = site.api(site.tokens["clinic/clinician"]).get(
         f"{server.dicomweb}/studies", params={"StudyInstanceUID": study})
     assert r.json() == []
+
+
+@pytest.mark.parametrize("path,param", [("/api/audit", "patient_id"), ("/api/audit", "user"),
+                                        ("/api/audit", "study"), ("/api/audit", "action"),
+                                        ("/api/audit", "since"), ("/api/audit", "limit"),
+                                        ("/api/grants", "study"),
+                                        ("/api/remote-aes/X'--/find", None)])
+@pytest.mark.parametrize("value", ["' OR 1=1 --", "x\x00y", "B" * 5000])
+def test_hostile_api_values_are_refused_or_harmless(site: Site, path: str, param: str | None,
+                                                    value: str) -> None:
+    s = site.api(site.tokens["hospital/admin"])
+    if param is None:
+        r = s.post(site.server.url + path, json={"level": "study", "keys": {"PatientID": value}})
+        assert r.status_code == 404  # no such peer, whatever the value
+        return
+    r = s.get(site.server.url + path, params={param: value}, timeout=30)
+    assert r.status_code in (200, 400, 422), r.text
+    if r.status_code == 200:
+        body = r.json()
+        assert isinstance(body, list)
+        assert all(value not in str(item) or item.get("action") == "audit.read"
+                   for item in body)
