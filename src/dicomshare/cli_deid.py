@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dicomshare.config import Settings
 from dicomshare.deid import batch
+from dicomshare.deid.masking import RulesError, masking_hook
 from dicomshare.deid.profile import OPTIONS
 from dicomshare.deid.pseudonyms import MIN_KEY_BYTES
 
@@ -47,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="use the key of research project NAME of the organisation (made "
                      "if new): the same pseudonyms as the server's exports of it")
     p.add_argument("--org", help="with --project: the organisation (default: the only one)")
+    p.add_argument("--mask-rules", action="append", default=[], type=Path, metavar="FILE",
+                   help="JSON rules masking burned-in text by device and image size "
+                   "(repeatable; docs/deidentification.md); without a matching rule, "
+                   "instances at risk are held back")
+    p.add_argument("--default-masks", action="store_true",
+                   help="also use the generic rules shipped with dicomshare (top bands of "
+                   "common ultrasound screens): check them against your devices first")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="worker processes (default 1)")
     p.add_argument("--report", type=Path, metavar="FILE",
@@ -80,7 +88,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if path.is_file() and out in path.resolve().parents:
             continue  # an earlier run's output inside the input folder
         tasks.append(_task(src.name))
-    config = batch.Config(tuple(args.option), key, str(out))
+    try:
+        hook = masking_hook(list(args.mask_rules), args.default_masks)
+    except RulesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = batch.Config(tuple(args.option), key, str(out), hook)
     with tqdm(total=len(tasks), unit="instance", disable=args.quiet or None, file=sys.stderr,
               desc="de-identifying") as bar:
         report = batch.run(tasks, config, jobs=args.jobs, progress=bar.update)

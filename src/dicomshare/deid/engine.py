@@ -140,6 +140,9 @@ class Deidentifier:
                 try:
                     ds = self.pixel_hook(ds, reason)
                     cleaned = True
+                    applied = getattr(self.pixel_hook, "last", None)  # e.g. the masking rule
+                    if applied is not None and hasattr(applied, "note"):
+                        report.notes.append(applied.note())
                 except HoldBack as exc:
                     report.held_back = exc.reason
                 except Exception as exc:  # a failing cleaner must not let pixels through

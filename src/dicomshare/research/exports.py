@@ -281,6 +281,7 @@ class _Run:
 
     def __init__(self, worker: ExportWorker, pk: int, row: Any, who: Principal) -> None:
         from dicomshare.deid.engine import Deidentifier
+        from dicomshare.deid.masking import masking_hook
 
         self.worker = worker
         self.exports = worker.exports
@@ -290,7 +291,11 @@ class _Run:
         self.who = who
         self.query = query_from_json(json.loads(row.query))
         self.options = tuple(o for o in row.options.split(",") if o)
-        self.deid = Deidentifier(self.options, self.exports.projects.key(row.project_pk))
+        settings = self.exports.archive.settings
+        hook = masking_hook([Path(f) for f in settings.deid_mask_rules],
+                            settings.deid_default_masks)
+        self.deid = Deidentifier(self.options, self.exports.projects.key(row.project_pk),
+                                 pixel_hook=hook)
         self.root = self.exports.output_dir(pk)
         self.dataset = self.root / "dataset"
 
