@@ -56,6 +56,7 @@ KEY_BYTES = 32
 PG_LOCK_KEY = int.from_bytes(b"dsaudit1", "big")
 _RETRIES = (0.2, 1.0, 3.0)  # seconds before each new attempt at a failed commit
 _PAGE = 1000  # rows per read while streaming
+LINGER = 0.05  # seconds a commit waits for more records when nobody waits for it
 _t = s.audit_event
 
 
@@ -254,6 +255,7 @@ class _Pending:
     details: dict[str, Any]
     finished: bool = False
     error: BaseException | None = None
+    urgent: bool = False  # someone waits for it: commit without lingering
 
     def seal(self, key: bytes, seq: int, prev_hash: str) -> AuditRecord:
         rec = AuditRecord(seq, self.at, self.action, self.outcome, self.actor_user,
@@ -410,6 +412,7 @@ class AuditLog:
         """Queue the event; with ``wait`` return only once it is committed (raises
         AuditError if it could not be)."""
         item = _pending(event)
+        item.urgent = wait
         with self._cond:
             self._ensure_thread()
             self._queue.append(item)
@@ -465,6 +468,13 @@ class AuditLog:
                     self._cond.wait()
                 if not self._queue:
                     return
+                # Nobody waits: linger a moment so one commit (one fsync) takes several
+                # records, instead of one per request.
+                deadline = time.monotonic() + LINGER
+                while not self._stopping and len(self._queue) < BATCH \
+                        and not any(i.urgent for i in self._queue) \
+                        and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
                 batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
             records: list[AuditRecord] = []
             try:
