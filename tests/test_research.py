@@ -217,3 +217,23 @@ def test_bad_cohorts_are_refused(site: Site) -> None:
     r = site.api("res").post(f"{site.url}/api/exports", json={
         "project_id": pid, "cohort": {}, "options": ["retain_everything"]})
     assert r.status_code == 400
+
+
+def test_export_with_volumes_lists_them_or_says_why_not(site: Site) -> None:
+    project = site.api("res").post(f"{site.url}/api/research/projects",
+                                   json={"name": "volumes"}).json()["id"]
+    r = site.api("res").post(f"{site.url}/api/exports", json={
+        "project_id": project, "cohort": {"modalities": ["CT"]}, "layout": "zip",
+        "volumes": True})
+    assert r.status_code == 202 and r.json()["volumes"] is True
+    job = r.json()
+    deadline = time.monotonic() + 120
+    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        job = site.api("res").get(f"{site.url}/api/exports/{job['id']}").json()
+    assert job["state"] == "done", job
+    volumes = json.loads(_zip(site, "res", job).read("volumes.json"))
+    # The samples of one series are copies of one slice (one position): not a volume,
+    # and the report says so; tests/test_nifti.py covers real volumes.
+    assert volumes["volumes"] == [] and len(volumes["skipped"]) == 3
+    assert all("position" in why or "slice" in why for why in volumes["skipped"].values())

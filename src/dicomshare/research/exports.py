@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -61,6 +61,7 @@ class Job:
     query: dict[str, Any]
     options: tuple[str, ...]
     layout: str
+    volumes: bool
     total: int
     exported: int
     held_back: int
@@ -73,6 +74,7 @@ class Job:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "project_id": self.project_id, "state": self.state,
                 "query": self.query, "options": list(self.options), "layout": self.layout,
+                "volumes": self.volumes,
                 "total": self.total, "exported": self.exported, "held_back": self.held_back,
                 "failed": self.failed, "error": self.error,
                 "created_at": clock.iso(self.created_at), "started_at": clock.iso(self.started_at),
@@ -84,7 +86,8 @@ class Job:
 
 def _job(row: Any) -> Job:
     return Job(row.pk, row.project_pk, row.organisation_pk, row.state, json.loads(row.query),
-               tuple(o for o in row.options.split(",") if o), row.layout, row.total,
+               tuple(o for o in row.options.split(",") if o), row.layout, bool(row.volumes),
+               row.total,
                row.exported, row.held_back, row.failed, row.error,
                clock.aware(row.created_at), clock.aware(row.started_at),
                clock.aware(row.finished_at))
@@ -121,7 +124,8 @@ class Exports:
         return counts.__dict__
 
     def create(self, who: Principal, project_id: int, query: CohortQuery,
-               options: tuple[str, ...] | None, layout: str = "folder") -> Job:
+               options: tuple[str, ...] | None, layout: str = "folder",
+               volumes: bool = False) -> Job:
         check(who, Action.RESEARCH)
         project = self.projects.get(who, project_id)
         if layout not in LAYOUTS:
@@ -133,7 +137,7 @@ class Exports:
             result = conn.execute(insert(_J).values(
                 project_pk=project.id, organisation_pk=project.organisation_pk,
                 created_by_user_pk=who.user_pk, query=json.dumps(query.as_json()),
-                options=",".join(chosen), layout=layout, state="queued",
+                options=",".join(chosen), layout=layout, volumes=volumes, state="queued",
                 total=counts.instances, created_at=clock.now()))
             pk = int(result.inserted_primary_key[0])  # type: ignore[index]
         self.access.record("research.export", who, wait=True, details={
@@ -321,9 +325,44 @@ class _Run:
         if not self._beat():
             return False
         shutil.rmtree(tmp, ignore_errors=True)
-        self._write_manifest_and_report()
+        manifest = self._write_manifest_and_report()
+        if self.row.volumes and not self._write_volumes(manifest):
+            return False
         if self.row.layout == "zip":
             self._zip()
+        return True
+
+    def _write_volumes(self, manifest: list[dict[str, Any]]) -> bool:
+        """NIfTI volumes of the CT and MR series, in ``nifti/`` and ``volumes.json``
+        (with the reasons series got none); False when the job was cancelled meanwhile."""
+        from dicomshare.research.nifti import NotAVolume, series_to_nifti
+
+        groups: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
+        for row in manifest:
+            if row["modality"] in ("CT", "MR"):
+                groups[(row["patient"], row["study_uid"], row["series_uid"])].append(
+                    self.root / row["path"])
+        volumes: list[dict[str, Any]] = []
+        skipped: dict[str, str] = {}
+        for (patient, study, series), files in sorted(groups.items()):
+            out = self.root / "nifti" / (_safe(patient) or "unknown") / study / \
+                f"{series}.nii.gz"
+            try:
+                result = series_to_nifti(files, out)
+            except NotAVolume as exc:
+                skipped[series] = exc.reason
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad series does not stop the job
+                log.warning("export %d: series %s: no volume: %s", self.pk, series, exc)
+                skipped[series] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            if result is not None:
+                volumes.append({"patient": patient, "study_uid": study, "series_uid": series,
+                                **result.as_json(self.root)})
+            if not self._beat():
+                return False
+        (self.root / "volumes.json").write_text(json.dumps(
+            {"volumes": volumes, "skipped": skipped}, indent=1))
         return True
 
     def _beat(self) -> bool:
@@ -402,7 +441,7 @@ class _Run:
                                               original=original[:200], pseudonym=alias[:200],
                                               created_at=now))
 
-    def _write_manifest_and_report(self) -> None:
+    def _write_manifest_and_report(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(_I.c.state, _I.c.detail).where(_I.c.job_pk == self.pk)
                                 .order_by(_I.c.path)).all()
@@ -429,13 +468,16 @@ class _Run:
                   "query": self.query.as_json(), "exported": len(manifest),
                   "held_back": dict(held), "failed": failed, "instances": instances}
         (self.root / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        return manifest
 
     def _zip(self) -> None:
         partial = self.root / "dataset.zip.partial"
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name in ("manifest.csv", "manifest.json", "report.json"):
-                zf.write(self.root / name, name)
-            for path in sorted(self.dataset.rglob("*.dcm")):
+            for name in ("manifest.csv", "manifest.json", "report.json", "volumes.json"):
+                if (self.root / name).exists():
+                    zf.write(self.root / name, name)
+            for path in [*sorted(self.dataset.rglob("*.dcm")),
+                         *sorted((self.root / "nifti").rglob("*.nii.gz"))]:
                 zf.write(path, str(path.relative_to(self.root)))
         os.replace(partial, self.root / "dataset.zip")
 

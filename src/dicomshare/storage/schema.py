@@ -289,6 +289,7 @@ export_job = Table(
     Column("query", Text, nullable=False),  # JSON CohortQuery
     Column("options", String(500), nullable=False),
     Column("layout", String(16), nullable=False),  # folder | zip
+    Column("volumes", Boolean, nullable=False, server_default=false()),  # NIfTI of CT/MR
     Column("state", String(16), nullable=False),  # queued | running | done | failed | cancelled
     Column("total", Integer, nullable=False, server_default="0"),
     Column("exported", Integer, nullable=False, server_default="0"),

@@ -88,6 +88,8 @@ class ExportCreate(BaseModel):
     options: list[str] | None = Field(None, max_length=20,
                                       description="default: the project's")
     layout: Literal["folder", "zip"] = "zip"
+    volumes: bool = Field(False, description="also NIfTI volumes of the CT and MR series "
+                          "(nifti/<patient>/<study>/<series>.nii.gz, listed in volumes.json)")
 
 
 class OptOut(BaseModel):
@@ -170,7 +172,7 @@ async def create_export(request: Request, body: ExportCreate,
                         who: Researcher) -> dict[str, Any]:
     job = await run_in_threadpool(
         _exports(request).create, who, body.project_id, body.cohort.query(request),
-        tuple(body.options) if body.options is not None else None, body.layout)
+        tuple(body.options) if body.options is not None else None, body.layout, body.volumes)
     return job.as_json()
 
 
