@@ -192,7 +192,7 @@ class Archive:
         """Instances below a resource; NotFound (never an empty list) when there are none."""
         found = self.index.locate(study_uid, series_uid, sop_uid, with_metadata, visibility)
         if not found:
-            raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
+            raise NotFound(resource_name(study_uid, series_uid, sop_uid) + " not found")
         return found
 
     def read_chunks(self, key: str) -> Iterator[bytes]:
@@ -208,7 +208,7 @@ class Archive:
         ``organisation``, only its share goes (instances still owned by others stay)."""
         gone = self.index.remove(study_uid, series_uid, sop_uid, organisation)
         if not gone and organisation is None:
-            raise NotFound(_resource_name(study_uid, series_uid, sop_uid) + " not found")
+            raise NotFound(resource_name(study_uid, series_uid, sop_uid) + " not found")
         for inst in gone:
             self.blobs.delete(inst.blob_key)
         return gone
@@ -272,7 +272,7 @@ def _describe(result: StoreResult, header: Header) -> None:
     result.series_uid = header.series_uid
 
 
-def _resource_name(study: str, series: str | None, sop: str | None) -> str:
+def resource_name(study: str, series: str | None, sop: str | None) -> str:
     if sop:
         return f"instance {sop}"
     if series:

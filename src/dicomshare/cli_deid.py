@@ -23,7 +23,6 @@ from dicomshare.deid.masking import RulesError, masking_hook
 from dicomshare.deid.profile import OPTIONS
 from dicomshare.deid.pseudonyms import MIN_KEY_BYTES
 
-KEY_BYTES = 32
 _PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

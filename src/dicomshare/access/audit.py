@@ -51,7 +51,6 @@ log = logging.getLogger("dicomshare.audit")
 GENESIS = "0" * 64  # prev_hash of the first record
 OUTCOMES = ("success", "denied", "failure")
 BATCH = 500  # records per transaction at most
-KEY_BYTES = 32
 # pg_advisory_xact_lock key shared by every process appending to one database ("dsaudit1").
 PG_LOCK_KEY = int.from_bytes(b"dsaudit1", "big")
 _RETRIES = (0.2, 1.0, 3.0)  # seconds before each new attempt at a failed commit

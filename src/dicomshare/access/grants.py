@@ -205,15 +205,15 @@ class Grants:
         if who.organisation_pk is not None and self._owns(conn, who.organisation_pk,
                                                           study_uid, patient):
             return who.organisation_pk, None
-        for grant in self.live_for(who):
-            covers = (grant.study_uid == study_uid if study_uid else grant.patient == patient)
-            if covers and "re-share" in grant.permissions:
+        covering = [lg for lg in self.live_for(who)
+                    if (lg.study_uid == study_uid if study_uid else lg.patient == patient)]
+        for grant in covering:
+            if "re-share" in grant.permissions:
                 if not perms <= grant.permissions:
                     raise Forbidden(f"a re-share cannot add permissions: you hold "
                                     f"{','.join(sorted(grant.permissions))}")
                 return grant.source, grant
-        if any((lg.study_uid == study_uid if study_uid else lg.patient == patient)
-               for lg in self.live_for(who)):
+        if covering:
             raise Forbidden(f"you may not share {what}: your grant has no re-share")
         raise NotFound(f"{what} not found")
 

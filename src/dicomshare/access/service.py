@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomshare.access.grants import Grants
 from dicomshare.access.policy import Action, Principal, Visibility, check, visibility
-from dicomshare.archive import Archive, StoreResult
+from dicomshare.archive import Archive, StoreResult, resource_name
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.header import Header
 from dicomshare.dicom.matching import Kind, Query
@@ -207,7 +207,7 @@ class Access:
                                                         self.grants.live_for(who))
             if vis is not None and not self.archive.index.locate(
                     study_uid, series_uid, sop_uid, visibility=vis):
-                raise NotFound(_resource(study_uid, series_uid, sop_uid) + " not found")
+                raise NotFound(resource_name(study_uid, series_uid, sop_uid) + " not found")
             patient_id, owners = self.archive.index.study_facts(study_uid)
             organisation = None if who.superuser else who.organisation_pk
             if organisation is not None and organisation not in owners:
@@ -236,10 +236,3 @@ def _describe_query(query: Query, study: str | None, series: str | None) -> dict
         out["SeriesInstanceUID"] = series
     return out
 
-
-def _resource(study: str, series: str | None, sop: str | None) -> str:
-    if sop:
-        return f"instance {sop}"
-    if series:
-        return f"series {series}"
-    return f"study {study}"

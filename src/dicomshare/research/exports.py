@@ -131,7 +131,7 @@ class Exports:
         if layout not in LAYOUTS:
             raise InvalidInput(f"layout is folder or zip, not {layout!r}")
         chosen = tuple(options) if options is not None else project.options
-        _check_options(chosen)
+        check_options(chosen)
         counts = count(self.engine, self.research_visibility(who), query)
         with self.engine.begin() as conn:
             result = conn.execute(insert(_J).values(
@@ -186,7 +186,7 @@ class Exports:
         return path
 
 
-def _check_options(options: tuple[str, ...]) -> None:
+def check_options(options: tuple[str, ...]) -> None:
     from dicomshare.deid.profile import OPTIONS
 
     unknown = set(options) - set(OPTIONS)

@@ -35,32 +35,20 @@ from dicomshare.access.policy import (
 )
 from dicomshare.access.service import Access
 from dicomshare.errors import Forbidden, InvalidInput, NotFound
-from dicomshare.web.app import principal, require
+from dicomshare.web.app import principal, requires
 
 router = APIRouter(tags=["access"])
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def _sharer(request: Request) -> Principal:
-    return require(request, Action.SHARE)
 
 
-def _manager(request: Request) -> Principal:
-    return require(request, Action.MANAGE_ORGANISATION)
 
 
-def _site_manager(request: Request) -> Principal:
-    return require(request, Action.MANAGE_SITE)
-
-
-def _auditor(request: Request) -> Principal:
-    return require(request, Action.AUDIT_READ)
-
-
-Sharer = Annotated[Principal, Depends(_sharer)]
-Manager = Annotated[Principal, Depends(_manager)]
-SiteManager = Annotated[Principal, Depends(_site_manager)]
-Auditor = Annotated[Principal, Depends(_auditor)]
+Sharer = Annotated[Principal, Depends(requires(Action.SHARE))]
+Manager = Annotated[Principal, Depends(requires(Action.MANAGE_ORGANISATION))]
+SiteManager = Annotated[Principal, Depends(requires(Action.MANAGE_SITE))]
+Auditor = Annotated[Principal, Depends(requires(Action.AUDIT_READ))]
 
 
 def _identities(request: Request) -> Identities:

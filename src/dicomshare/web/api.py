@@ -26,22 +26,16 @@ from dicomshare.config import Settings
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.errors import Conflict, Forbidden
-from dicomshare.web.app import principal, require
+from dicomshare.web.app import principal, requires
 
 router = APIRouter(tags=["DICOM peers"])
 
 
-def _remote_user(request: Request) -> Principal:
-    return require(request, Action.REMOTE)
-
-
-def _manager(request: Request) -> Principal:
-    return require(request, Action.MANAGE_ORGANISATION)
 
 
 Caller = Annotated[Principal, Depends(principal)]
-RemoteUser = Annotated[Principal, Depends(_remote_user)]
-Manager = Annotated[Principal, Depends(_manager)]
+RemoteUser = Annotated[Principal, Depends(requires(Action.REMOTE))]
+Manager = Annotated[Principal, Depends(requires(Action.MANAGE_ORGANISATION))]
 
 
 class RemoteAEModel(BaseModel):

@@ -26,6 +26,7 @@ from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities, Principal
 from dicomshare.access.policy import Action, check
 from dicomshare.access.service import Access
+from dicomshare.access.sessions import Sessions
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.errors import DicomshareError, Forbidden, Unauthenticated
@@ -76,6 +77,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.state.archive = archive
     app.state.identities = identities
     app.state.grants = grants
+    app.state.sessions = Sessions(archive.index.engine, settings, identities)
     app.state.audit = audit
     app.state.access = Access(archive, grants, audit)
     app.state.exports = Exports(archive, app.state.access, Projects(archive.index.engine))
@@ -200,6 +202,16 @@ def require(request: Request, action: Action) -> Principal:
                                                            "path": request.url.path[:200]})
         raise
     return who
+
+
+def requires(action: Action) -> Callable[[Request], Principal]:
+    """A route dependency: the caller, when its role and scopes allow ``action``. Use as
+    ``Annotated[Principal, Depends(requires(Action.SHARE))]``."""
+    def dependency(request: Request) -> Principal:
+        return require(request, action)
+
+    dependency.__name__ = f"requires_{action.name.lower()}"
+    return dependency
 
 
 def _open_audit(settings: Settings, archive: Archive) -> AuditLog | None:

@@ -57,17 +57,9 @@ _state_lock = threading.Lock()
 
 # -- shared pieces ---------------------------------------------------------------------------
 def sessions_of(app: FastAPI) -> Sessions:
-    """The app's Sessions, made on first use (create_app need not know about it)."""
-    found = getattr(app.state, "sessions", None)
-    if found is not None:
-        return found
-    with _state_lock:
-        found = getattr(app.state, "sessions", None)
-        if found is None:
-            found = Sessions(app.state.archive.index.engine, app.state.settings,
-                             getattr(app.state, "identities", None))
-            app.state.sessions = found
-    return found
+    """The app's Sessions (made by create_app)."""
+    sessions: Sessions = app.state.sessions
+    return sessions
 
 
 def oidc_of(app: FastAPI) -> OidcClient:

@@ -19,29 +19,20 @@ from starlette.concurrency import run_in_threadpool
 
 from dicomshare.access.policy import Action, Principal
 from dicomshare.research.cohorts import CohortQuery
-from dicomshare.research.exports import Exports
-from dicomshare.research.projects import Projects
+from dicomshare.research.exports import Exports, check_options
+from dicomshare.research.projects import DEFAULT_OPTIONS, Projects
 from dicomshare.storage import schema as s
-from dicomshare.web.app import require
+from dicomshare.web.app import requires
 
 router = APIRouter(tags=["research"])
 
 
-def _researcher(request: Request) -> Principal:
-    return require(request, Action.RESEARCH)
 
 
-def _sharer(request: Request) -> Principal:
-    return require(request, Action.SHARE)
 
-
-def _manager(request: Request) -> Principal:
-    return require(request, Action.MANAGE_ORGANISATION)
-
-
-Researcher = Annotated[Principal, Depends(_researcher)]
-Sharer = Annotated[Principal, Depends(_sharer)]
-Manager = Annotated[Principal, Depends(_manager)]
+Researcher = Annotated[Principal, Depends(requires(Action.RESEARCH))]
+Sharer = Annotated[Principal, Depends(requires(Action.SHARE))]
+Manager = Annotated[Principal, Depends(requires(Action.MANAGE_ORGANISATION))]
 
 
 def _exports(request: Request) -> Exports:
@@ -114,11 +105,8 @@ async def list_projects(request: Request, who: Researcher) -> list[dict[str, Any
 @router.post("/research/projects", status_code=201)
 async def create_project(request: Request, body: ProjectCreate,
                          who: Researcher) -> dict[str, Any]:
-    from dicomshare.research.exports import _check_options
-    from dicomshare.research.projects import DEFAULT_OPTIONS
-
     options = tuple(body.options) if body.options is not None else DEFAULT_OPTIONS
-    _check_options(options)
+    check_options(options)
     project = await run_in_threadpool(_projects(request).create, who, body.name,
                                       body.description, options)
     request.app.state.access.record("research.project.create", who,
