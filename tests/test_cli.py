@@ -336,7 +336,9 @@ def test_check_repair(archive_dir: tuple[Path, list[Path]], tmp_path: Path) -> N
     junk.write_bytes(b"junk")
 
     repaired = cli(data_dir, "check", "--repair")
-    assert f"re-indexed orphan blob {target.name}" in repaired.stdout
+    # Whoever uploaded it is unknown: it goes to the archive's only organisation.
+    assert (f"re-indexed orphan blob {target.name} ({dcmread(orphan).SOPInstanceUID}) "
+            "for organisation local") in repaired.stdout
     assert f"removed index entry of lost instance {dcmread(files[0]).SOPInstanceUID}" \
         in repaired.stdout
     assert "removed unreadable orphan blob" in repaired.stdout

@@ -250,7 +250,11 @@ class Archive:
             if result.ok:
                 if temp.sha256() != key:  # misnamed: the bytes now live under their own key
                     self.blobs.delete(key)
-                report.repaired.append(f"re-indexed orphan blob {key} ({result.sop_uid})")
+                owners = self.index.adopt(result.sop_uid) if result.sop_uid else []
+                whose = (f"organisation {', '.join(owners)}" if owners
+                         else "no organisation: superusers only")
+                report.repaired.append(
+                    f"re-indexed orphan blob {key} ({result.sop_uid}) for {whose}")
             else:
                 self.blobs.delete(key)
                 report.repaired.append(f"removed unreadable orphan blob {key}: "

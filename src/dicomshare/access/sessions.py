@@ -184,14 +184,13 @@ class Sessions:
         if limit <= 0:
             return None
         earlier = (s.login_failure.c.pk < attempt, s.login_failure.c.at >= since, which)
-        count = conn.execute(select(func.count()).select_from(s.login_failure)
-                             .where(*earlier)).scalar_one()
-        if count < limit:
-            return None
-        # The lock ends when the oldest failures that keep it at ``limit`` leave the window.
+        # The lock ends when the oldest of the latest ``limit`` failures leaves the window.
+        # One statement: concurrent attempts delete their rows, a count would go stale.
         pivot = conn.execute(select(s.login_failure.c.at).where(*earlier)
-                             .order_by(s.login_failure.c.at, s.login_failure.c.pk)
-                             .offset(count - limit).limit(1)).scalar_one()
+                             .order_by(s.login_failure.c.at.desc(), s.login_failure.c.pk.desc())
+                             .offset(limit - 1).limit(1)).scalar()
+        if pivot is None:
+            return None
         first: datetime = _aware(pivot)  # type: ignore[assignment]
         return max(1, math.ceil((first + self.window - now).total_seconds()))
 

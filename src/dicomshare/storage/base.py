@@ -81,6 +81,9 @@ class Index(Protocol):
         With ``organisation``, only that organisation's ownership goes; an instance is
         deleted when no owner is left."""
 
+    def adopt(self, sop_uid: str) -> list[str]:
+        """Give an unowned instance to its study's owners (or the only organisation)."""
+
     def all_instances(self) -> Iterator[StoredInstance]:
         """Every indexed instance, for `dicomshare check`."""
 

@@ -554,6 +554,30 @@ class SqlIndex:
                             s.series.c.study_pk == s.study_owner.c.study_pk)))
         return [row for row in rows if row[9] in owned and row[9] not in still_owned]
 
+    def adopt(self, sop_uid: str) -> list[str]:
+        """Give an instance nobody owns to its study's owners, or to the only organisation
+        when the study has none; return the new owners' names. ``check --repair`` re-indexes
+        orphan blobs this way: the uploader is unknown, the study's owners are its home."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(s.instance.c.pk, s.series.c.study_pk)
+                .join(s.series, s.series.c.pk == s.instance.c.series_pk)
+                .where(s.instance.c.sop_instance_uid == sop_uid)).first()
+            if row is None or conn.execute(select(s.instance_owner.c.instance_pk).where(
+                    s.instance_owner.c.instance_pk == row[0]).limit(1)).first():
+                return []
+            owners = owners_of_study(conn, row[1])
+            if not owners:
+                orgs = conn.execute(select(s.organisation.c.pk).limit(2)).scalars().all()
+                owners = set(orgs) if len(orgs) == 1 else set()
+            for org in sorted(owners):
+                conn.execute(self._insert_instance_owner,
+                             {"instance_pk": row[0], "organisation_pk": org})
+                conn.execute(self._insert_study_owner,
+                             {"study_pk": row[1], "organisation_pk": org})
+            return sorted(conn.execute(select(s.organisation.c.name).where(
+                s.organisation.c.pk.in_(owners))).scalars())
+
     def study_facts(self, study_uid: str) -> tuple[str | None, list[int]]:
         """(PatientID, owner organisations) of a study, for the audit trail."""
         with self.engine.connect() as conn:
