@@ -68,6 +68,16 @@ class Settings:
     # the generic shipped rules apply too. Without a matching rule: held back.
     deid_mask_rules: tuple[str, ...] = ()
     deid_default_masks: bool = False
+    # Sharing (share links, upload links, inbox, consults).
+    share_pin_max_failures: int = 5  # wrong PINs before a share link locks
+    upload_max_bytes: int = 2 * 1024**3  # default size limit of one upload link
+    # Notifications by e-mail; empty smtp_host: notifications stay in the API only.
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = False
+    smtp_from: str = "dicomshare@localhost"
 
     @property
     def blob_dir(self) -> Path:

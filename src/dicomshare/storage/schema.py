@@ -327,3 +327,164 @@ pseudonym = Table(
     Column("pseudonym", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# -- sharing (sharing/) ---------------------------------------------------------------------
+# Secrets (of share and upload links) are stored as SHA-256 digests: they carry 128+ bits of
+# entropy, so a fast hash is enough; a PIN is short and gets argon2.
+
+share_link = Table(
+    "share_link",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("label", String(200)),
+    # What it covers: the studies in share_link_study, or every study of one patient.
+    Column("patient_id", Text),
+    Column("issuer_of_patient_id", Text),
+    Column("permissions", String(100), nullable=False),  # "view,download,upload"
+    Column("pin_hash", Text),  # argon2 of the PIN or password; NULL: none
+    Column("pin_failures", Integer, nullable=False, server_default="0"),
+    Column("locked_at", DateTime(timezone=True)),
+    Column("max_uses", Integer),  # NULL: unlimited
+    Column("uses", Integer, nullable=False, server_default="0"),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("notify", Boolean, nullable=False, server_default=false()),
+    Column("deidentified", Boolean, nullable=False, server_default=false()),
+    Column("project_pk", Integer, ForeignKey("research_project.pk")),  # pseudonyms' key
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+share_link_study = Table(
+    "share_link_study",
+    metadata,
+    Column("link_pk", Integer, ForeignKey("share_link.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("study_instance_uid", String(64), primary_key=True),
+)
+
+inbox_item = Table(
+    "inbox_item",
+    metadata,
+    # A study (or a patient's studies) sent to another organisation or user; accepting it
+    # creates a grant.
+    Column("pk", Integer, primary_key=True),
+    Column("from_organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("from_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("to_organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("to_user_pk", Integer, ForeignKey("user_account.pk")),  # NULL: the whole org
+    Column("study_instance_uid", String(64)),
+    Column("patient_id", Text),
+    Column("issuer_of_patient_id", Text),
+    Column("permissions", String(100), nullable=False),
+    Column("message", Text),
+    Column("state", String(16), nullable=False),  # pending | accepted | declined | withdrawn
+    Column("grant_pk", Integer, ForeignKey("access_grant.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("decided_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Index("ix_inbox_to", "to_organisation_pk", "state"),
+)
+
+consult = Table(
+    "consult",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("requester_organisation_pk", Integer, ForeignKey("organisation.pk"),
+           nullable=False),
+    Column("requester_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("specialist_organisation_pk", Integer, ForeignKey("organisation.pk"),
+           nullable=False),
+    Column("specialist_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("question", Text, nullable=False),
+    Column("urgency", String(16), nullable=False),  # routine | urgent | emergency
+    # requested | accepted | declined | answered | closed
+    Column("state", String(16), nullable=False),
+    Column("grant_pk", Integer, ForeignKey("access_grant.pk")),
+    Column("decline_reason", Text),
+    Column("opinion_sop_instance_uid", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("accepted_at", DateTime(timezone=True)),
+    Column("declined_at", DateTime(timezone=True)),
+    Column("answered_at", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    Index("ix_consult_specialist", "specialist_organisation_pk", "state"),
+    Index("ix_consult_requester", "requester_organisation_pk", "state"),
+)
+
+consult_study = Table(
+    "consult_study",
+    metadata,
+    Column("consult_pk", Integer, ForeignKey("consult.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("study_instance_uid", String(64), primary_key=True),
+)
+
+consult_comment = Table(
+    "consult_comment",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("consult_pk", Integer, ForeignKey("consult.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("author_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_consult_comment", "consult_pk", "pk"),
+)
+
+notification = Table(
+    "notification",
+    metadata,
+    # For one user, or for every user of an organisation (user_pk NULL).
+    Column("pk", Integer, primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("kind", String(40), nullable=False),  # share-used, inbox-new, consult-updated, ...
+    Column("subject", Text, nullable=False),
+    Column("details", Text, nullable=False),  # JSON
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("read_at", DateTime(timezone=True)),
+    Column("emailed_at", DateTime(timezone=True)),
+    Column("email_error", Text),
+    Index("ix_notification_to", "organisation_pk", "user_pk", "pk"),
+)
+
+upload_link = Table(
+    "upload_link",
+    metadata,
+    # "Send me your images": anyone with the link may upload into the organisation.
+    Column("pk", Integer, primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("label", String(200)),
+    Column("max_bytes", BigInteger, nullable=False),
+    Column("bytes_received", BigInteger, nullable=False, server_default="0"),
+    Column("instances_stored", Integer, nullable=False, server_default="0"),
+    Column("notify", Boolean, nullable=False, server_default=false()),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+upload_file = Table(
+    "upload_file",
+    metadata,
+    # One file being uploaded through an upload link, resumable from ``received``.
+    Column("pk", Integer, primary_key=True),
+    Column("link_pk", Integer, ForeignKey("upload_link.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("upload_id", String(64), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("received", BigInteger, nullable=False, server_default="0"),
+    Column("state", String(16), nullable=False),  # receiving | stored | rejected
+    Column("result", Text),  # JSON: per-instance outcomes once stored
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)

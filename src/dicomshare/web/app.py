@@ -121,13 +121,27 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    from dicomshare.web import access_api, api, auth, dicomweb, research_api
+    from dicomshare.web import (
+        access_api,
+        api,
+        auth,
+        consults_api,
+        dicomweb,
+        links_api,
+        research_api,
+        share,
+        upload,
+    )
 
     app.include_router(auth.router, prefix="/api")
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
     app.include_router(api.router, prefix="/api")
     app.include_router(access_api.router, prefix="/api")
     app.include_router(research_api.router, prefix="/api")
+    app.include_router(links_api.router, prefix="/api")
+    app.include_router(consults_api.router, prefix="/api")
+    app.include_router(upload.router)  # /api/upload-links and the public /upload/{secret}
+    app.include_router(share.router)  # the public /share/{secret}
     return app
 
 
