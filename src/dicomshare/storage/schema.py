@@ -116,6 +116,7 @@ user = Table(
     Column("superuser", Boolean, nullable=False, server_default=false()),
     Column("disabled_at", DateTime(timezone=True)),
     Column("oidc_subject", String(255), unique=True),  # "issuer|sub" of a linked login
+    Column("email", String(320)),  # where notifications go (sharing/notify.py)
 )
 
 token = Table(

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from dicomshare import __version__
 from dicomshare.access.grants import Grants
@@ -142,6 +144,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(consults_api.router, prefix="/api")
     app.include_router(upload.router)  # /api/upload-links and the public /upload/{secret}
     app.include_router(share.router)  # the public /share/{secret}
+    # The pages' scripts and styles (the viewer, the upload page): public, no PHI.
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"),
+              name="static")
     return app
 
 

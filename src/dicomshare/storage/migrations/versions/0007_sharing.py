@@ -14,6 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("user_account") as batch:
+        batch.add_column(sa.Column("email", sa.String(length=320), nullable=True))
     op.create_table(
         "notification",
         sa.Column("pk", sa.Integer(), nullable=False),
@@ -248,3 +250,5 @@ def downgrade() -> None:
     op.drop_table("consult")
     op.drop_table("upload_link")
     op.drop_table("notification")
+    with op.batch_alter_table("user_account") as batch:
+        batch.drop_column("email")
