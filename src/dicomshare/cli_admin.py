@@ -37,6 +37,7 @@ def add_parsers(sub: Any) -> None:
                         help="read the password from standard input")
     create.add_argument("--no-password", action="store_true",
                         help="no password: API tokens (or OpenID Connect) only")
+    create.add_argument("--email", help="where notifications are e-mailed")
     ulist = users.add_parser("list", help="list users")
     ulist.add_argument("--org", help="only this organisation's")
     for verb in ("disable", "enable"):
@@ -46,6 +47,9 @@ def add_parsers(sub: Any) -> None:
     setrole = users.add_parser("set-role", help="change a user's role")
     setrole.add_argument("name")
     setrole.add_argument("role", choices=list(ROLES))
+    setemail = users.add_parser("set-email", help="set (or with '' clear) a user's e-mail")
+    setemail.add_argument("name")
+    setemail.add_argument("email")
 
     tokens = sub.add_parser("tokens", help="manage API tokens").add_subparsers(
         dest="action", required=True)
@@ -196,6 +200,13 @@ def _users(archive: Archive, args: argparse.Namespace) -> int:
                                              ("disabled", u.disabled)) if on)
             print(f"{u.name}\t{u.organisation}\t{u.role}\t{flags}")
         return 0
+    if args.action == "set-email":
+        from dicomshare.sharing.notify import set_email
+
+        set_email(archive.index.engine, args.name, args.email)
+        _audit(archive, "user.update", {"user": args.name, "email": args.email or None})
+        print(f"set-email: {args.name}", file=sys.stderr)
+        return 0
     if args.action in ("disable", "enable", "set-role"):
         changed = identities.update_user(
             args.name, role=getattr(args, "role", None),
@@ -218,10 +229,19 @@ def _users(archive: Archive, args: argparse.Namespace) -> int:
         print("error: no terminal to ask for a password; use --password-stdin",
               file=sys.stderr)
         return 2
+    if args.email:
+        from dicomshare.sharing.notify import clean_email
+
+        clean_email(args.email)  # refused before the user exists
     user = identities.create_user(args.name, args.org, args.role, password,
                                   superuser=args.superuser)
+    if args.email:
+        from dicomshare.sharing.notify import set_email
+
+        set_email(archive.index.engine, user.name, args.email)
     _audit(archive, "user.create", {"user": user.name, "organisation": user.organisation,
-                                    "role": user.role, "superuser": user.superuser})
+                                    "role": user.role, "superuser": user.superuser,
+                                    "email": args.email or None})
     print(f"created user {args.name} ({args.role} of {args.org}"
           f"{', superuser' if args.superuser else ''})", file=sys.stderr)
     return 0

@@ -367,6 +367,17 @@ share_link_study = Table(
     Column("study_instance_uid", String(64), primary_key=True),
 )
 
+share_link_failure = Table(
+    "share_link_failure",
+    metadata,
+    # Failed share-link attempts (unknown secret, wrong PIN) by client address, for the
+    # per-address limit shared by every server process (sharing/links.py).
+    Column("pk", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("source", String(255)),
+    Index("ix_share_link_failure_source", "source", "at"),
+)
+
 inbox_item = Table(
     "inbox_item",
     metadata,
@@ -407,6 +418,7 @@ consult = Table(
     Column("grant_pk", Integer, ForeignKey("access_grant.pk")),
     Column("decline_reason", Text),
     Column("opinion_sop_instance_uid", String(64)),
+    Column("opinion_study_instance_uid", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("accepted_at", DateTime(timezone=True)),
     Column("declined_at", DateTime(timezone=True)),
@@ -422,6 +434,7 @@ consult_study = Table(
     Column("consult_pk", Integer, ForeignKey("consult.pk", ondelete="CASCADE"),
            primary_key=True),
     Column("study_instance_uid", String(64), primary_key=True),
+    Column("grant_pk", Integer, ForeignKey("access_grant.pk")),  # opens it to the specialist
 )
 
 consult_comment = Table(
@@ -471,6 +484,8 @@ upload_link = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("last_used_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
+    # When the creator was last told of received files (notifications are throttled).
+    Column("notified_at", DateTime(timezone=True)),
 )
 
 upload_file = Table(

@@ -103,6 +103,7 @@ class UserModel(BaseModel):
     superuser: bool
     disabled: bool
     created_at: datetime
+    email: str | None = None
 
 
 class UserCreate(BaseModel):
@@ -112,17 +113,26 @@ class UserCreate(BaseModel):
     role: Literal[ROLES]  # type: ignore[valid-type]
     password: str | None = Field(None, min_length=8, max_length=1000)
     superuser: bool = False
+    email: str | None = Field(None, max_length=320, description="where notifications go")
 
 
 class UserUpdate(BaseModel):
     role: Literal[ROLES] | None = None  # type: ignore[valid-type]
     disabled: bool | None = None
     password: str | None = Field(None, min_length=8, max_length=1000)
+    email: str | None = Field(None, max_length=320, description='"" clears it')
 
 
-def _user_model(u: UserInfo) -> UserModel:
+def _user_model(u: UserInfo, email: str | None = None) -> UserModel:
     return UserModel(name=u.name, organisation=u.organisation, role=u.role,
-                     superuser=u.superuser, disabled=u.disabled, created_at=u.created_at)
+                     superuser=u.superuser, disabled=u.disabled, created_at=u.created_at,
+                     email=email)
+
+
+def _emails(request: Request, org: int | None = None) -> dict[str, str | None]:
+    from dicomshare.sharing.notify import emails
+
+    return emails(request.app.state.archive.index.engine, org)
 
 
 def _managed_user(identities: Identities, who: Principal, name: str) -> UserInfo:
@@ -140,7 +150,9 @@ def _managed_user(identities: Identities, who: Principal, name: str) -> UserInfo
 async def list_users(request: Request, who: Manager) -> list[UserModel]:
     users = await run_in_threadpool(_identities(request).users,
                                     None if who.superuser else who.organisation_pk)
-    return [_user_model(u) for u in users]
+    addresses = await run_in_threadpool(_emails, request,
+                                        None if who.superuser else who.organisation_pk)
+    return [_user_model(u, addresses.get(u.name)) for u in users]
 
 
 @router.post("/users", response_model=UserModel, status_code=201)
@@ -148,13 +160,19 @@ async def create_user(request: Request, body: UserCreate, who: Manager) -> UserM
     organisation = body.organisation or who.organisation
     if not who.superuser and (organisation != who.organisation or body.superuser):
         raise Forbidden("organisation admins create users of their own organisation only")
+    from dicomshare.sharing.notify import clean_email, set_email
+
+    email = clean_email(body.email)
     user = await run_in_threadpool(
         lambda: _identities(request).create_user(body.name, organisation, body.role,
                                                  body.password, superuser=body.superuser,
                                                  create_organisation=False))
+    if email:
+        await run_in_threadpool(set_email, request.app.state.archive.index.engine, user.name,
+                                email)
     await _audit(request, "user.create", who, {"user": user.name, "organisation": user.organisation,
                                         "role": user.role, "superuser": user.superuser})
-    return _user_model(user)
+    return _user_model(user, email)
 
 
 @router.patch("/users/{name}", response_model=UserModel)
@@ -164,6 +182,11 @@ async def update_user(request: Request, name: str, body: UserUpdate,
     await run_in_threadpool(_managed_user, identities, who, name)
     if name == who.user and (body.disabled or (body.role and body.role != who.role)):
         raise InvalidInput("you cannot disable yourself or change your own role")
+    if body.email is not None:
+        from dicomshare.sharing.notify import set_email
+
+        await run_in_threadpool(set_email, request.app.state.archive.index.engine, name,
+                                body.email)
     user = await run_in_threadpool(lambda: identities.update_user(
         name, role=body.role, disabled=body.disabled, password=body.password))
     if body.disabled or body.password is not None:  # open browser sessions end too
@@ -174,7 +197,8 @@ async def update_user(request: Request, name: str, body: UserUpdate,
     if "password" in changes:
         changes["password"] = "changed"
     await _audit(request, "user.update", who, {"user": name, **changes})
-    return _user_model(user)
+    addresses = await run_in_threadpool(_emails, request, None)
+    return _user_model(user, addresses.get(name))
 
 
 # -- tokens ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,9 +61,11 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from dicomshare.research.exports import ExportWorker
+        from dicomshare.sharing.notify import start_mailer
 
         worker = ExportWorker(app.state.exports, identities, grants)
         worker.start()
+        start_mailer(archive.index.engine, settings)  # e-mails queued notifications
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
         worker.stop()
@@ -144,6 +146,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(consults_api.router, prefix="/api")
     app.include_router(upload.router)  # /api/upload-links and the public /upload/{secret}
     app.include_router(share.router)  # the public /share/{secret}
+    # Each share link is a DICOMweb root too, restricted to what the link covers.
+    app.include_router(dicomweb.router, prefix="/share/{secret}/dicomweb",
+                       dependencies=[Depends(share.link_dicomweb)], include_in_schema=False)
     # The pages' scripts and styles (the viewer, the upload page): public, no PHI.
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"),
               name="static")

@@ -67,8 +67,10 @@ def root_url(request: Request) -> str:
     involved the port the server actually listens on is added back.
     """
     settings = request.app.state.settings
+    # A share link's own root (web/share.py) when the request came in under one.
+    prefix = getattr(request.state, "dicomweb_root", None) or settings.dicomweb_root
     if settings.public_url:
-        return settings.public_url.rstrip("/") + settings.dicomweb_root
+        return settings.public_url.rstrip("/") + prefix
     base = str(request.base_url).rstrip("/")
     host = request.headers.get("host", "")
     server = request.scope.get("server")
@@ -77,7 +79,7 @@ def root_url(request: Request) -> str:
     if host and ":" not in host.rsplit("]", 1)[-1] and server and not proxied \
             and server[1] not in (80, 443):
         base = f"{request.url.scheme}://{host}:{server[1]}"
-    return base + settings.dicomweb_root
+    return base + prefix
 
 
 def instance_url(root: str, inst: StoredInstance) -> str:

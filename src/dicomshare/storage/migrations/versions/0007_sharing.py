@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("notified_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["created_by_user_pk"],
             ["user_account.pk"],
@@ -78,6 +79,7 @@ def upgrade() -> None:
         sa.Column("grant_pk", sa.Integer(), nullable=True),
         sa.Column("decline_reason", sa.Text(), nullable=True),
         sa.Column("opinion_sop_instance_uid", sa.String(length=64), nullable=True),
+        sa.Column("opinion_study_instance_uid", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("accepted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("declined_at", sa.DateTime(timezone=True), nullable=True),
@@ -228,7 +230,9 @@ def upgrade() -> None:
         "consult_study",
         sa.Column("consult_pk", sa.Integer(), nullable=False),
         sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("grant_pk", sa.Integer(), nullable=True),
         sa.ForeignKeyConstraint(["consult_pk"], ["consult.pk"], ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["grant_pk"], ["access_grant.pk"]),
         sa.PrimaryKeyConstraint("consult_pk", "study_instance_uid"),
     )
     op.create_table(
@@ -238,9 +242,19 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["link_pk"], ["share_link.pk"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("link_pk", "study_instance_uid"),
     )
+    op.create_table(
+        "share_link_failure",
+        sa.Column("pk", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("source", sa.String(length=255), nullable=True),
+        sa.PrimaryKeyConstraint("pk"),
+    )
+    op.create_index("ix_share_link_failure_source", "share_link_failure", ["source", "at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_share_link_failure_source", table_name="share_link_failure")
+    op.drop_table("share_link_failure")
     op.drop_table("share_link_study")
     op.drop_table("consult_study")
     op.drop_table("consult_comment")
