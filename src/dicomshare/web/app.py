@@ -132,6 +132,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         consults_api,
         dicomweb,
         links_api,
+        pages,
         research_api,
         share,
         upload,
@@ -146,6 +147,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(consults_api.router, prefix="/api")
     app.include_router(upload.router)  # /api/upload-links and the public /upload/{secret}
     app.include_router(share.router)  # the public /share/{secret}
+    app.include_router(pages.router)  # the signed-in pages under /app (before /static)
     # Each share link is a DICOMweb root too, restricted to what the link covers.
     app.include_router(dicomweb.router, prefix="/share/{secret}/dicomweb",
                        dependencies=[Depends(share.link_dicomweb)], include_in_schema=False)

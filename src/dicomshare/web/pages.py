@@ -1,0 +1,90 @@
+"""The signed-in browser pages: login, home (notifications), share links, upload links,
+inbox and consults (``/app/...``). See docs/web-ui.md.
+
+Each page is a static HTML shell from ``static/app``; its script fetches everything else
+from the JSON API with the session cookie (and ``X-CSRF-Token`` on unsafe requests), so no
+patient data is ever in the HTML. The shells go out with a Content-Security-Policy that
+allows only this site's own scripts (no inline script, no ``eval``), forbids framing and
+sends no referrer; the scripts write server data into the page as text only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+
+from dicomshare.errors import NotFound
+
+router = APIRouter(include_in_schema=False)
+STATIC = Path(__file__).parent / "static" / "app"
+# The page name in the URL -> its shell. The consult detail page reads its id from the URL.
+PAGES = {"": "home.html", "login": "login.html", "links": "links.html",
+         "uploads": "uploads.html", "inbox": "inbox.html", "consults": "consults.html"}
+SHELLS = frozenset({*PAGES.values(), "consult.html"})
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+def _shell(name: str) -> Response:
+    return FileResponse(STATIC / name, media_type="text/html; charset=utf-8",
+                        headers=HEADERS)
+
+
+@router.get("/")
+def root() -> Response:
+    return RedirectResponse("/app/", status_code=303, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/app")
+def app_root() -> Response:
+    return RedirectResponse("/app/", status_code=308)
+
+
+@router.get("/app/")
+def home() -> Response:
+    return _shell("home.html")
+
+
+@router.get("/app/config.json")
+def config(request: Request) -> dict[str, Any]:
+    """What the pages need to know about this server (nothing secret): whether OpenID
+    Connect login is offered and where the DICOMweb root is."""
+    settings = request.app.state.settings
+    return {"oidc": bool(settings.oidc_issuer), "dicomweb_root": settings.dicomweb_root}
+
+
+@router.get("/app/consults/{consult_id}")
+def consult_page(consult_id: int) -> Response:
+    """The consult detail shell; the page asks /api/consults/{id} (404 for non-parties)."""
+    return _shell("consult.html")
+
+
+@router.get("/app/{page}")
+def page(page: str) -> Response:
+    name = PAGES.get(page)
+    if name is None:
+        raise NotFound(f"there is no page {page[:100]!r}")
+    return _shell(name)
+
+
+@router.get("/static/app/{name}")
+def static_shell(name: str) -> Response:
+    """The shells under their static path, with the same headers (this route is matched
+    before the /static mount); scripts and styles come from the mount."""
+    if name in SHELLS:
+        return _shell(name)
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or not path.is_file():
+        raise NotFound(f"no file {name[:100]!r}")
+    return FileResponse(path, headers={"X-Content-Type-Options": "nosniff",
+                                       "Cache-Control": "no-cache"})
