@@ -166,6 +166,13 @@ def _post(world: World, user: str, path: str, body: Any = None) -> requests.Resp
     return world.api(user).post(f"{world.url}/api{path}", json=body)
 
 
+def _created(world: World, user: str, path: str, body: Any) -> dict[str, Any]:
+    """POST what must be created (201); what was made, as the API shows it."""
+    r = _post(world, user, path, body)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
 # -- users' e-mail addresses ---------------------------------------------------------------
 def test_users_have_email_addresses(world: World) -> None:
     users = {u["name"]: u for u in world.api("root").get(f"{world.url}/api/users").json()}
@@ -194,11 +201,9 @@ def test_users_have_email_addresses(world: World) -> None:
 def test_whole_consult_from_request_to_answered_report(world: World) -> None:
     study = world.studies["ct"]
     assert not world.sees("rad", study)
-    r = _post(world, "doc", "/consults", {
+    consult = _created(world, "doc", "/consults", {
         "studies": [study], "question": "Nodule in the left lung: benign?",
         "urgency": "urgent", "specialist_organisation": "hospital"})
-    assert r.status_code == 201, r.text
-    consult = r.json()
     cid = consult["id"]
     assert consult["state"] == "requested" and consult["role"] == "requester"
     assert consult["studies"] == [study] and consult["created_at"]
@@ -231,10 +236,8 @@ def test_whole_consult_from_request_to_answered_report(world: World) -> None:
     assert r.status_code == 409 and "accept it first" in r.json()["error"]
 
     # Comments both ways.
-    r = _post(world, "rad", f"/consults/{cid}/comments", {"body": "Any prior imaging?"})
-    assert r.status_code == 201, r.text
-    r = _post(world, "doc", f"/consults/{cid}/comments", {"body": "None, first scan."})
-    assert r.status_code == 201
+    _created(world, "rad", f"/consults/{cid}/comments", {"body": "Any prior imaging?"})
+    _created(world, "doc", f"/consults/{cid}/comments", {"body": "None, first scan."})
     thread = world.api("doc").get(f"{world.url}/api/consults/{cid}/comments").json()
     assert [(c["author"], c["organisation"], c["body"]) for c in thread] == [
         ("rad", "hospital", "Any prior imaging?"), ("doc", "clinic", "None, first scan.")]
@@ -246,9 +249,8 @@ def test_whole_consult_from_request_to_answered_report(world: World) -> None:
     assert r.status_code == 409 and "accepted" in r.json()["error"]
 
     opinion = "Benign granuloma.\nNo follow-up needed. Ärztlich geprüft."
-    r = _post(world, "rad", f"/consults/{cid}/opinion", {"text": opinion, "format": "sr"})
-    assert r.status_code == 201, r.text
-    answered = r.json()
+    answered = _created(world, "rad", f"/consults/{cid}/opinion",
+                        {"text": opinion, "format": "sr"})
     assert answered["state"] == "answered" and answered["answered_at"]
     sop = answered["opinion"]["sop_instance_uid"]
     assert answered["opinion"]["study_uid"] == study
@@ -322,12 +324,11 @@ def test_whole_consult_from_request_to_answered_report(world: World) -> None:
 
 def test_consult_for_one_user_declined_then_answered_as_pdf(world: World) -> None:
     study = world.studies["mr"]
-    r = _post(world, "doc", "/consults", {
+    consult = _created(world, "doc", "/consults", {
         "studies": [study], "question": "Any sign of MS?", "specialist_organisation": "hospital",
         "specialist_user": "rad2"})
-    assert r.status_code == 201, r.text
-    cid = r.json()["id"]
-    assert r.json()["urgency"] == "routine" and r.json()["specialist_user"] == "rad2"
+    cid = consult["id"]
+    assert consult["urgency"] == "routine" and consult["specialist_user"] == "rad2"
     # Only the named specialist: the other radiologist sees neither consult nor study.
     assert _consult(world, "rad", cid).status_code == 404
     assert not world.sees("rad", study)
@@ -352,10 +353,9 @@ def test_consult_for_one_user_declined_then_answered_as_pdf(world: World) -> Non
         "specialist_user": "rad"})
     cid = r.json()["id"]
     assert _post(world, "rad", f"/consults/{cid}/accept").status_code == 200
-    r = _post(world, "rad", f"/consults/{cid}/opinion",
-              {"text": "No lesions typical of MS (c) hospital.", "format": "pdf"})
-    assert r.status_code == 201, r.text
-    sop = r.json()["opinion"]["sop_instance_uid"]
+    answered = _created(world, "rad", f"/consults/{cid}/opinion",
+                        {"text": "No lesions typical of MS (c) hospital.", "format": "pdf"})
+    sop = answered["opinion"]["sop_instance_uid"]
     docs = [s for s in world.qido_series("doc", study) if s["00080060"]["Value"] == ["DOC"]]
     assert len(docs) == 1
     series = docs[0]["0020000E"]["Value"][0]
@@ -403,10 +403,8 @@ def test_consult_bad_input(world: World) -> None:
 def test_inbox_send_accept_decline_withdraw(world: World) -> None:
     study = world.studies["mr2"]
     assert not world.sees("rad", study)
-    r = _post(world, "doc", "/inbox/sends", {"study_uid": study, "to_organisation": "hospital",
-                                             "message": "For your tumour board"})
-    assert r.status_code == 201, r.text
-    item = r.json()
+    item = _created(world, "doc", "/inbox/sends", {
+        "study_uid": study, "to_organisation": "hospital", "message": "For your tumour board"})
     assert item["state"] == "pending" and item["permissions"] == ["view", "download"]
     assert item["study_uid"] == study  # the sender sees what it sent
 
@@ -444,11 +442,9 @@ def test_inbox_send_accept_decline_withdraw(world: World) -> None:
     assert len(decided) == 1 and decided[0]["details"]["state"] == "accepted"
 
     # To one user, who declines.
-    r = _post(world, "doc", "/inbox/sends", {"patient": {"id": "PAT-MR-1"},
-                                             "to_organisation": "outside", "to_user": "outsider",
-                                             "permissions": ["view"]})
-    assert r.status_code == 201, r.text
-    second = r.json()["id"]
+    second = _created(world, "doc", "/inbox/sends", {
+        "patient": {"id": "PAT-MR-1"}, "to_organisation": "outside", "to_user": "outsider",
+        "permissions": ["view"]})["id"]
     assert [x["id"] for x in world.api("outsider").get(f"{world.url}/api/inbox").json()] \
         == [second]
     r = _post(world, "outsider", f"/inbox/{second}/decline", {"reason": "not ours"})
@@ -524,18 +520,14 @@ def test_consult_on_a_reshared_study_answers_back_to_the_requester(world: World)
     """The clinic holds the hospital's study through a re-share grant and asks the outside
     organisation: the opinion reaches the clinic (and the hospital, which owns the study)."""
     study = world.studies["hosp"]
-    r = _post(world, "rad", "/grants", {
+    _created(world, "rad", "/grants", {
         "study_uid": study, "organisation": "clinic",
         "permissions": ["view", "download", "add-series", "re-share"]})
-    assert r.status_code == 201, r.text
-    r = _post(world, "doc", "/consults", {"studies": [study], "question": "Re-read please",
-                                          "specialist_organisation": "outside"})
-    assert r.status_code == 201, r.text
-    cid = r.json()["id"]
+    cid = _created(world, "doc", "/consults", {"studies": [study], "question": "Re-read please",
+                                               "specialist_organisation": "outside"})["id"]
     assert world.sees("outsider", study)
     assert _post(world, "outsider", f"/consults/{cid}/accept").status_code == 200
-    r = _post(world, "outsider", f"/consults/{cid}/opinion", {"text": "Normal."})
-    assert r.status_code == 201, r.text
+    _created(world, "outsider", f"/consults/{cid}/opinion", {"text": "Normal."})
     for reader in ("doc", "rad"):
         modalities = [s["00080060"]["Value"] for s in world.qido_series(reader, study)]
         assert ["SR"] in modalities, (reader, modalities)

@@ -99,6 +99,16 @@ def send(link: dict[str, Any], name: str, data: bytes, chunk: int = 64 * 1024) -
     return state(link, upload_id)
 
 
+def patch_head(site: Site, link: dict[str, Any], upload_id: str, offset: int,
+               length: int) -> bytes:
+    """The head of a PATCH whose body a test sends by hand over a socket (to drop the
+    connection midway, or to hold a transfer open)."""
+    host = urlsplit(site.url)
+    return (f"PATCH /upload/{link['secret']}/files/{upload_id} HTTP/1.1\r\n"
+            f"Host: {host.netloc}\r\nContent-Type: {OFFSET_TYPE}\r\n"
+            f"Upload-Offset: {offset}\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
 def state(link: dict[str, Any], upload_id: str) -> dict[str, Any]:
     r = requests.get(f"{link['url']}/files/{upload_id}", timeout=30)
     assert r.status_code == 200, r.text
@@ -283,10 +293,7 @@ def test_resume_after_an_interrupted_transfer(site: Site, tmp_path: Path) -> Non
     host = urlsplit(site.url)
     rest = data[half:]
     with socket.create_connection((host.hostname, host.port)) as sock:
-        head = (f"PATCH /upload/{link['secret']}/files/{upload_id} HTTP/1.1\r\n"
-                f"Host: {host.netloc}\r\nContent-Type: {OFFSET_TYPE}\r\n"
-                f"Upload-Offset: {half}\r\nContent-Length: {len(rest)}\r\n\r\n")
-        sock.sendall(head.encode() + rest[:len(rest) // 2])
+        sock.sendall(patch_head(site, link, upload_id, half, len(rest)) + rest[:len(rest) // 2])
         time.sleep(0.5)
     offset = half
     for _ in range(50):  # until the server has noticed the drop
@@ -315,10 +322,7 @@ def test_one_transfer_of_a_file_at_a_time(site: Site, tmp_path: Path) -> None:
     upload_id = begin(link, "ct.dcm", len(data)).json()["upload_id"]
     host = urlsplit(site.url)
     with socket.create_connection((host.hostname, host.port)) as sock:
-        head = (f"PATCH /upload/{link['secret']}/files/{upload_id} HTTP/1.1\r\n"
-                f"Host: {host.netloc}\r\nContent-Type: {OFFSET_TYPE}\r\n"
-                f"Upload-Offset: 0\r\nContent-Length: {len(data)}\r\n\r\n")
-        sock.sendall(head.encode() + data[:1000])
+        sock.sendall(patch_head(site, link, upload_id, 0, len(data)) + data[:1000])
         time.sleep(0.5)  # the first transfer holds the file now
         r = patch(link, upload_id, 1000, data[1000:])
         assert r.status_code == 409, r.text

@@ -198,6 +198,13 @@ class Grants:
             raise NotFound(f"no user {user!r}")
         return None, int(pk)
 
+    def check_shareable(self, conn: Connection, who: Principal, study_uid: str | None,
+                        patient: tuple[str, str] | None, permissions: frozenset[str]) -> None:
+        """Raise what :meth:`create` would if ``who`` shared this now (NotFound for a study
+        it cannot see, like an unknown one; Forbidden for one held without re-share): for
+        features that grant later (the inbox, on acceptance) or several studies at once."""
+        self._source(conn, who, study_uid, patient, permissions)
+
     def _source(self, conn: Connection, who: Principal, study_uid: str | None,
                 patient: tuple[str, str] | None,
                 perms: frozenset[str]) -> tuple[int, LiveGrant | None]:
@@ -272,15 +279,20 @@ class Grants:
             if not (who.superuser or row[0] == who.organisation_pk or row[1] == who.user_pk):
                 raise Forbidden("only the organisation that shared, or the grant's creator, "
                                 "may revoke it")
-            now = clock.now()
-            todo = [grant_id]
-            while todo:
-                conn.execute(update(g).where(g.c.pk.in_(todo), g.c.revoked_at.is_(None))
-                             .values(revoked_at=now))
-                todo = list(conn.execute(select(g.c.pk).where(g.c.parent_pk.in_(todo),
-                                                              g.c.revoked_at.is_(None)))
-                            .scalars())
+            _revoke_with_reshares(conn, [grant_id], clock.now())
         return self.get(grant_id)
+
+    def end(self, grant_ids: list[int]) -> list[int]:
+        """Revoke grants a feature made for its own purpose (a consult's, when it is
+        declined or closed) and their re-shares, without a caller check: the feature
+        decided who may end it. The ids that were still live."""
+        if not grant_ids:
+            return []
+        with self.engine.begin() as conn:
+            live = list(conn.execute(select(g.c.pk).where(g.c.pk.in_(grant_ids),
+                                                          g.c.revoked_at.is_(None))).scalars())
+            _revoke_with_reshares(conn, live, clock.now())
+        return live
 
     def reply_to_additions(self, who: Principal, study_uid: str,
                            patient: tuple[str, str], store_access: Visibility) -> list[int]:
@@ -294,15 +306,42 @@ class Grants:
         now = clock.now()
         with self.engine.begin() as conn:
             for source in sorted(sources - {who.organisation_pk}):
-                exists = conn.execute(select(g.c.pk).where(
-                    g.c.source_organisation_pk == who.organisation_pk,
-                    g.c.grantee_organisation_pk == source,
-                    g.c.study_instance_uid == study_uid, _live(now))).first()
-                if exists is None:
-                    result = conn.execute(insert(g).values(
-                        source_organisation_pk=who.organisation_pk,
-                        grantee_organisation_pk=source, study_instance_uid=study_uid,
-                        permissions="view,download", created_by_user_pk=who.user_pk,
-                        created_at=now))
-                    made.append(int(result.inserted_primary_key[0]))  # type: ignore[index]
+                pk = _open_back(conn, who, source, study_uid, now)
+                if pk is not None:
+                    made.append(pk)
         return made
+
+    def open_back(self, who: Principal, organisation_pk: int, study_uid: str) -> int | None:
+        """Open what ``who``'s organisation stored in ``study_uid`` (view, download) to
+        another organisation, as :meth:`reply_to_additions` does for a grant's source: for
+        a consult's requester that holds the study through a re-share. The new grant's id,
+        or None when a live one exists already."""
+        if who.organisation_pk is None:
+            return None
+        with self.engine.begin() as conn:
+            return _open_back(conn, who, organisation_pk, study_uid, clock.now())
+
+
+def _revoke_with_reshares(conn: Connection, grant_ids: list[int], now: datetime) -> None:
+    """Revoke the grants and, level by level, every re-share made from them."""
+    todo = grant_ids
+    while todo:
+        conn.execute(update(g).where(g.c.pk.in_(todo), g.c.revoked_at.is_(None))
+                     .values(revoked_at=now))
+        todo = list(conn.execute(select(g.c.pk).where(g.c.parent_pk.in_(todo),
+                                                      g.c.revoked_at.is_(None))).scalars())
+
+
+def _open_back(conn: Connection, who: Principal, organisation_pk: int, study_uid: str,
+               now: datetime) -> int | None:
+    exists = conn.execute(select(g.c.pk).where(
+        g.c.source_organisation_pk == who.organisation_pk,
+        g.c.grantee_organisation_pk == organisation_pk,
+        g.c.study_instance_uid == study_uid, _live(now))).first()
+    if exists is not None:
+        return None
+    result = conn.execute(insert(g).values(
+        source_organisation_pk=who.organisation_pk, grantee_organisation_pk=organisation_pk,
+        study_instance_uid=study_uid, permissions="view,download",
+        created_by_user_pk=who.user_pk, created_at=now))
+    return int(result.inserted_primary_key[0])  # type: ignore[index]

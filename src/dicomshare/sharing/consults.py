@@ -28,7 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from dicomshare import __version__, clock
@@ -36,6 +36,14 @@ from dicomshare.access.grants import Grants
 from dicomshare.access.policy import Action, Principal, check, parse_permissions
 from dicomshare.access.service import Access
 from dicomshare.errors import Conflict, DicomshareError, Forbidden, InvalidInput, NotFound
+from dicomshare.sharing.common import (
+    Record,
+    addressed_to,
+    audit_details,
+    find_recipient,
+    of_organisation,
+    with_names,
+)
 from dicomshare.sharing.notify import notify
 from dicomshare.storage import schema as s
 
@@ -50,45 +58,22 @@ MAX_STUDIES = 50
 c = s.consult
 cs = s.consult_study
 cc = s.consult_comment
-_REQ_ORG = s.organisation.alias("req_org")
-_SPEC_ORG = s.organisation.alias("spec_org")
-_REQ_USER = s.user.alias("req_user")
-_SPEC_USER = s.user.alias("spec_user")
-_LISTED = (
-    select(c, _REQ_ORG.c.name.label("req_org_name"), _SPEC_ORG.c.name.label("spec_org_name"),
-           _REQ_USER.c.name.label("req_user_name"), _SPEC_USER.c.name.label("spec_user_name"))
-    .select_from(c.join(_REQ_ORG, c.c.requester_organisation_pk == _REQ_ORG.c.pk)
-                 .join(_SPEC_ORG, c.c.specialist_organisation_pk == _SPEC_ORG.c.pk)
-                 .outerjoin(_REQ_USER, c.c.requester_user_pk == _REQ_USER.c.pk)
-                 .outerjoin(_SPEC_USER, c.c.specialist_user_pk == _SPEC_USER.c.pk))
-)
+_LISTED = with_names(
+    c, {"req_org": c.c.requester_organisation_pk, "spec_org": c.c.specialist_organisation_pk},
+    {"req_user": c.c.requester_user_pk, "spec_user": c.c.specialist_user_pk})
 
 
 def _as_requester(who: Principal) -> Any:
-    if who.organisation_pk is None:
-        return c.c.pk.is_(None)
-    return c.c.requester_organisation_pk == who.organisation_pk
+    return of_organisation(c.c.requester_organisation_pk, who)
 
 
 def _as_specialist(who: Principal) -> Any:
-    if who.organisation_pk is None:
-        return c.c.pk.is_(None)
-    return and_(c.c.specialist_organisation_pk == who.organisation_pk,
-                or_(c.c.specialist_user_pk.is_(None), c.c.specialist_user_pk == who.user_pk))
+    return addressed_to(c.c.specialist_organisation_pk, c.c.specialist_user_pk, who)
 
 
 @dataclass(frozen=True)
-class Consult:
-    row: Any
+class Consult(Record):
     studies: tuple[tuple[str, int | None], ...]  # (study UID, grant id)
-
-    @property
-    def id(self) -> int:
-        return int(self.row.pk)
-
-    @property
-    def state(self) -> str:
-        return str(self.row.state)
 
     def role_of(self, who: Principal) -> str:
         r = self.row
@@ -127,6 +112,8 @@ class Consults:
     # -- opening -----------------------------------------------------------------------------
     def request(self, who: Principal, *, studies: list[str], question: str, urgency: str,
                 specialist_organisation: str, specialist_user: str | None) -> Consult:
+        """Open a consult. Its grants are made first and revoked again if anything after
+        fails, so no consult exists without its grants and no grant outlives a failure."""
         where = {"specialist_organisation": specialist_organisation,
                  "specialist_user": specialist_user, "urgency": urgency}
         made: list[int] = []
@@ -141,22 +128,12 @@ class Consults:
                 raise InvalidInput("the question is empty")
             perms = parse_permissions(CONSULT_PERMISSIONS)
             with self.engine.connect() as conn:
-                org_pk = conn.execute(select(s.organisation.c.pk).where(
-                    s.organisation.c.name == specialist_organisation)).scalar()
-                if org_pk is None:
-                    raise NotFound(f"no organisation {specialist_organisation!r}")
-                user_pk = None
-                if specialist_user is not None:
-                    user_pk = conn.execute(select(s.user.c.pk).where(
-                        s.user.c.name == specialist_user,
-                        s.user.c.organisation_pk == org_pk)).scalar()
-                    if user_pk is None:
-                        raise NotFound(f"no user {specialist_user!r} in "
-                                       f"{specialist_organisation!r}")
+                org_pk, user_pk = find_recipient(conn, specialist_organisation,
+                                                 specialist_user)
                 if org_pk == who.organisation_pk:
                     raise InvalidInput("ask a specialist of another organisation")
                 for uid in studies:  # all or nothing: check each before granting any
-                    self.grants._source(conn, who, uid, None, perms)
+                    self.grants.check_shareable(conn, who, uid, None, perms)
             for uid in studies:
                 made.append(self.grants.create(
                     who, study_uid=uid,
@@ -256,6 +233,9 @@ class Consults:
     def _transition(self, who: Principal, consult_id: int, verb: str, side: str,
                     sources: tuple[str, ...], target: str, values: dict[str, Any],
                     revoke: bool = False) -> Consult:
+        """Move the consult from one of ``sources`` to ``target``, only if nobody moved it
+        since it was read (the update checks the state), and tell the other party in the
+        same transaction; ``revoke``: the move ends the specialist's access."""
         consult: Consult | None = None
         try:
             consult = self._party(who, consult_id, side, verb)
@@ -296,20 +276,7 @@ class Consults:
     def _revoke(self, who: Principal, grant_ids: list[int]) -> list[int]:
         """Revoke the consult's grants (and any re-share made from them, though its grants
         carry no re-share)."""
-        if not grant_ids:
-            return []
-        g = s.access_grant
-        now = clock.now()
-        with self.engine.begin() as conn:
-            live = list(conn.execute(select(g.c.pk).where(g.c.pk.in_(grant_ids),
-                                                          g.c.revoked_at.is_(None))).scalars())
-            todo = live
-            while todo:
-                conn.execute(update(g).where(g.c.pk.in_(todo), g.c.revoked_at.is_(None))
-                             .values(revoked_at=now))
-                todo = list(conn.execute(select(g.c.pk).where(g.c.parent_pk.in_(todo),
-                                                              g.c.revoked_at.is_(None)))
-                            .scalars())
+        live = self.grants.end(grant_ids)
         for pk in live:
             grant = self.grants.get(pk)
             self.access.record("grant.revoke", who, wait=True, study_uids=[grant.study_uid or ""],
@@ -407,22 +374,9 @@ class Consults:
         """Make sure the requester reads the opinion. :meth:`Grants.reply_to_additions`
         opened it to the organisation that owns the study, which is the requester unless
         the requester itself holds the study through a re-share: then open it here."""
-        g = s.access_grant
-        requester = consult.row.requester_organisation_pk
-        now = clock.now()
-        with self.engine.begin() as conn:
-            exists = conn.execute(select(g.c.pk).where(
-                g.c.source_organisation_pk == who.organisation_pk,
-                g.c.grantee_organisation_pk == requester, g.c.study_instance_uid == study_uid,
-                g.c.revoked_at.is_(None),
-                or_(g.c.expires_at.is_(None), g.c.expires_at > now))).first()
-            if exists is not None:
-                return
-            pk = int(conn.execute(insert(g).values(
-                source_organisation_pk=who.organisation_pk, grantee_organisation_pk=requester,
-                study_instance_uid=study_uid, permissions="view,download",
-                created_by_user_pk=who.user_pk, created_at=now)
-            ).inserted_primary_key[0])  # type: ignore[index]
+        pk = self.grants.open_back(who, consult.row.requester_organisation_pk, study_uid)
+        if pk is None:
+            return
         self.access.record("grant.create", who, wait=True, study_uids=[study_uid],
                            details={**self.grants.get(pk).as_json(),
                                     "consult_id": consult.id})
@@ -471,7 +425,7 @@ class Consults:
         orgs = [consult.row.requester_organisation_pk] if consult else []
         self.access.record(action, who, outcome, wait=True, patient_ids=patients,
                            study_uids=studies, data_organisations=orgs,
-                           details={k: v for k, v in details.items() if v is not None})
+                           details=audit_details(details))
 
 
 _PAST = {"accept": "accepted", "decline": "declined", "close": "closed"}

@@ -16,10 +16,12 @@ to receive PHI.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from dicomshare import clock
@@ -28,6 +30,14 @@ from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, check, parse_permissions
 from dicomshare.access.service import Access
 from dicomshare.errors import Conflict, DicomshareError, Forbidden, InvalidInput, NotFound
+from dicomshare.sharing.common import (
+    Record,
+    addressed_to,
+    audit_details,
+    find_recipient,
+    of_organisation,
+    with_names,
+)
 from dicomshare.sharing.notify import notify
 from dicomshare.storage import schema as s
 
@@ -35,48 +45,22 @@ INBOX_PERMISSIONS = ("view", "download", "add-series")
 STATES = ("pending", "accepted", "declined", "withdrawn")
 
 i = s.inbox_item
-_FROM_ORG = s.organisation.alias("from_org")
-_TO_ORG = s.organisation.alias("to_org")
-_FROM_USER = s.user.alias("from_user")
-_TO_USER = s.user.alias("to_user")
-_DECIDER = s.user.alias("decider")
-_LISTED = (
-    select(i, _FROM_ORG.c.name.label("from_org_name"), _TO_ORG.c.name.label("to_org_name"),
-           _FROM_USER.c.name.label("from_user_name"), _TO_USER.c.name.label("to_user_name"),
-           _DECIDER.c.name.label("decider_name"))
-    .select_from(i.join(_FROM_ORG, i.c.from_organisation_pk == _FROM_ORG.c.pk)
-                 .join(_TO_ORG, i.c.to_organisation_pk == _TO_ORG.c.pk)
-                 .outerjoin(_FROM_USER, i.c.from_user_pk == _FROM_USER.c.pk)
-                 .outerjoin(_TO_USER, i.c.to_user_pk == _TO_USER.c.pk)
-                 .outerjoin(_DECIDER, i.c.decided_by_user_pk == _DECIDER.c.pk))
-)
+_LISTED = with_names(
+    i, {"from_org": i.c.from_organisation_pk, "to_org": i.c.to_organisation_pk},
+    {"from_user": i.c.from_user_pk, "to_user": i.c.to_user_pk,
+     "decider": i.c.decided_by_user_pk})
 
 
 def _to_me(who: Principal) -> Any:
-    if who.organisation_pk is None:
-        return i.c.pk.is_(None)
-    return and_(i.c.to_organisation_pk == who.organisation_pk,
-                or_(i.c.to_user_pk.is_(None), i.c.to_user_pk == who.user_pk))
+    return addressed_to(i.c.to_organisation_pk, i.c.to_user_pk, who)
 
 
 def _from_me(who: Principal) -> Any:
-    if who.organisation_pk is None:
-        return i.c.pk.is_(None)
-    return i.c.from_organisation_pk == who.organisation_pk
+    return of_organisation(i.c.from_organisation_pk, who)
 
 
 @dataclass(frozen=True)
-class Item:
-    row: Any
-
-    @property
-    def id(self) -> int:
-        return int(self.row.pk)
-
-    @property
-    def state(self) -> str:
-        return str(self.row.state)
-
+class Item(Record):
     def as_json(self, who: Principal) -> dict[str, Any]:
         r = self.row
         sender_side = r.from_organisation_pk == who.organisation_pk
@@ -116,7 +100,7 @@ class Inbox:
              permissions: list[str] | None, message: str | None) -> Item:
         where = {"study": study_uid, "patient_id": patient[0] if patient else None,
                  "to_organisation": to_organisation, "to_user": to_user}
-        try:
+        with self._refusals("inbox.send", who, where):
             check(who, Action.SHARE)
             perms = parse_permissions(permissions or ["view", "download"])
             if not perms <= set(INBOX_PERMISSIONS):
@@ -126,21 +110,12 @@ class Inbox:
             if message is not None and len(message) > 4000:
                 raise InvalidInput("message is longer than 4000 characters")
             with self.engine.begin() as conn:
-                org_pk = conn.execute(select(s.organisation.c.pk).where(
-                    s.organisation.c.name == to_organisation)).scalar()
-                if org_pk is None:
-                    raise NotFound(f"no organisation {to_organisation!r}")
-                user_pk = None
-                if to_user is not None:
-                    user_pk = conn.execute(select(s.user.c.pk).where(
-                        s.user.c.name == to_user, s.user.c.organisation_pk == org_pk)).scalar()
-                    if user_pk is None:
-                        raise NotFound(f"no user {to_user!r} in {to_organisation!r}")
+                org_pk, user_pk = find_recipient(conn, to_organisation, to_user)
                 if org_pk == who.organisation_pk:
                     raise InvalidInput("your own organisation sees its studies already")
                 # Exactly the check a grant gets: unknown and invisible studies alike are
                 # NotFound; visible through a grant without re-share: Forbidden.
-                self.grants._source(conn, who, study_uid, patient, perms)
+                self.grants.check_shareable(conn, who, study_uid, patient, perms)
                 values = dict(
                     from_organisation_pk=who.organisation_pk, from_user_pk=who.user_pk,
                     to_organisation_pk=org_pk, to_user_pk=user_pk,
@@ -153,30 +128,24 @@ class Inbox:
                 notify(conn, org_pk, user_pk, "inbox-new",
                        f"New study sent to you by {who.organisation}",
                        {"inbox_id": pk, "from_organisation": who.organisation})
-        except DicomshareError as exc:
-            self._record("inbox.send", who, "denied", {"reason": exc.reason, **where}, None)
-            raise
         item = self.get(pk)
         self._record("inbox.send", who, "success", {"inbox_id": pk, **where,
                                                     "permissions": sorted(perms)}, item)
         return item
 
     # -- reading ---------------------------------------------------------------------------
-    def get(self, item_id: int) -> Item:
+    def get(self, item_id: int, *where: Any) -> Item:
+        """The item, when it also meets ``where`` (a party predicate): anything else is
+        NotFound, exactly like an item that does not exist."""
         with self.engine.connect() as conn:
-            row = conn.execute(_LISTED.where(i.c.pk == item_id)).first()
+            row = conn.execute(_LISTED.where(i.c.pk == item_id, *where)).first()
         if row is None:
             raise NotFound(f"no inbox item {item_id}")
         return Item(row)
 
     def visible(self, who: Principal, item_id: int) -> Item:
         """An item the caller sent or received; others answer NotFound like missing ones."""
-        with self.engine.connect() as conn:
-            row = conn.execute(_LISTED.where(i.c.pk == item_id,
-                                             or_(_to_me(who), _from_me(who)))).first()
-        if row is None:
-            raise NotFound(f"no inbox item {item_id}")
-        return Item(row)
+        return self.get(item_id, or_(_to_me(who), _from_me(who)))
 
     def received(self, who: Principal, state: str | None = None) -> list[Item]:
         return self._list(_to_me(who), state)
@@ -195,7 +164,9 @@ class Inbox:
 
     # -- deciding --------------------------------------------------------------------------
     def accept(self, who: Principal, item_id: int) -> Item:
-        try:
+        """Accept: the sender makes the grant now, with the checks it would get now (see
+        the module's docstring); if it may no longer share, the item cannot be accepted."""
+        with self._refusals("inbox.accept", who, {"inbox_id": item_id}):
             item = self._pending_for_recipient(who, item_id)
             sender = self._sender(item)
             row = item.row
@@ -213,10 +184,6 @@ class Inbox:
             if not self._decide(who, item, "accepted", grant.id):
                 self.grants.revoke(sender, grant.id)
                 raise Conflict(f"inbox item {item_id} was decided meanwhile")
-        except DicomshareError as exc:
-            self._record("inbox.accept", who, "denied",
-                         {"inbox_id": item_id, "reason": exc.reason}, None)
-            raise
         done = self.get(item_id)
         self._record("inbox.accept", who, "success",
                      {"inbox_id": item_id, "grant_id": grant.id}, done)
@@ -225,27 +192,20 @@ class Inbox:
         return done
 
     def decline(self, who: Principal, item_id: int, reason: str | None = None) -> Item:
-        try:
+        with self._refusals("inbox.decline", who, {"inbox_id": item_id}):
             item = self._pending_for_recipient(who, item_id)
             if not self._decide(who, item, "declined", None):
                 raise Conflict(f"inbox item {item_id} was decided meanwhile")
-        except DicomshareError as exc:
-            self._record("inbox.decline", who, "denied",
-                         {"inbox_id": item_id, "reason": exc.reason}, None)
-            raise
         done = self.get(item_id)
         self._record("inbox.decline", who, "success",
                      {"inbox_id": item_id, "decline_reason": (reason or "")[:500]}, done)
         return done
 
     def withdraw(self, who: Principal, item_id: int) -> Item:
-        try:
+        with self._refusals("inbox.withdraw", who, {"inbox_id": item_id}):
             check(who, Action.SHARE)
-            with self.engine.connect() as conn:
-                row = conn.execute(_LISTED.where(i.c.pk == item_id, _from_me(who))).first()
-            if row is None:
-                raise NotFound(f"no inbox item {item_id}")
-            item = Item(row)
+            item = self.get(item_id, _from_me(who))
+            row = item.row
             if item.state != "pending":
                 raise Conflict(f"inbox item {item_id} is {item.state}; only pending items "
                                "can be withdrawn (revoke the grant instead)")
@@ -259,23 +219,16 @@ class Inbox:
                        f"{who.organisation} withdrew a study it sent you",
                        {"inbox_id": item_id, "state": "withdrawn",
                         "by_organisation": who.organisation})
-        except DicomshareError as exc:
-            self._record("inbox.withdraw", who, "denied",
-                         {"inbox_id": item_id, "reason": exc.reason}, None)
-            raise
         result = self.get(item_id)
         self._record("inbox.withdraw", who, "success", {"inbox_id": item_id}, result)
         return result
 
     def _pending_for_recipient(self, who: Principal, item_id: int) -> Item:
         check(who, Action.VIEW)
-        with self.engine.connect() as conn:
-            row = conn.execute(_LISTED.where(i.c.pk == item_id, _to_me(who))).first()
-        if row is None:
-            raise NotFound(f"no inbox item {item_id}")
-        if row.state != "pending":
-            raise Conflict(f"inbox item {item_id} is {row.state} already")
-        return Item(row)
+        item = self.get(item_id, _to_me(who))
+        if item.state != "pending":
+            raise Conflict(f"inbox item {item_id} is {item.state} already")
+        return item
 
     def _sender(self, item: Item) -> Principal:
         row = item.row
@@ -287,6 +240,8 @@ class Inbox:
         return self.identities.principal_for_user(user.name, kind="inbox")
 
     def _decide(self, who: Principal, item: Item, state: str, grant_pk: int | None) -> bool:
+        """Decide a pending item, only if it is still pending (two recipients deciding at
+        once: one wins; False for the other), and tell the sender in the same transaction."""
         row = item.row
         with self.engine.begin() as conn:
             done = conn.execute(update(i).where(i.c.pk == item.id, i.c.state == "pending")
@@ -299,8 +254,18 @@ class Inbox:
                    {"inbox_id": item.id, "state": state, "by_organisation": who.organisation})
         return True
 
+    @contextmanager
+    def _refusals(self, action: str, who: Principal, details: dict[str, Any]) -> Iterator[None]:
+        """Every refusal of ``action`` is audited with its reason, then raised on: nothing
+        about the item, which the caller may not see (the refusal may be that)."""
+        try:
+            yield
+        except DicomshareError as exc:
+            self._record(action, who, "denied", {**details, "reason": exc.reason}, None)
+            raise
+
     def _record(self, action: str, who: Principal, outcome: str, details: dict[str, Any],
                 item: Item | None) -> None:
         facts = item.audit_facts() if item is not None else {}
         self.access.record(action, who, outcome, wait=True, **facts,
-                           details={k: v for k, v in details.items() if v is not None})
+                           details=audit_details(details))

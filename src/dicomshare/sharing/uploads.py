@@ -17,7 +17,6 @@ next chunk of any file. Only the throttle of bad secrets is per process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import threading
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -51,6 +50,7 @@ from dicomshare.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from dicomshare.sharing.common import new_secret, secret_digest
 from dicomshare.sharing.notify import notify
 from dicomshare.storage import schema as s
 from dicomshare.storage.base import Outcome, TempBlob
@@ -93,10 +93,6 @@ class LinkGone(DicomshareError):
     def __init__(self, reason: str, why: str) -> None:
         super().__init__(reason)
         self.why = why  # "expired" | "revoked"
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -157,15 +153,10 @@ class UploadFile:
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
-    def counts(self) -> dict[str, int]:
-        out = {"stored": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
-        for r in self.results:
-            out[r["outcome"]] = out.get(r["outcome"], 0) + 1
-        return out
-
     def as_json(self) -> dict[str, Any]:
         return {"upload_id": self.id, "name": self.name, "size": self.size,
-                "offset": self.received, "state": self.state, "counts": self.counts(),
+                "offset": self.received, "state": self.state,
+                "counts": Counts.of(self.results).as_json(),
                 "results": self.results, "created_at": clock.iso(self.created_at),
                 "updated_at": clock.iso(self.updated_at)}
 
@@ -217,22 +208,19 @@ class Uploads:
             raise InvalidInput(f"max_bytes must be between 1 and {limit} (upload_max_bytes)")
         if not 1 <= expires_in_days <= MAX_EXPIRY_DAYS:
             raise InvalidInput(f"expires_in_days must be between 1 and {MAX_EXPIRY_DAYS}")
-        secret = secrets.token_urlsafe(32)
+        secret = new_secret()
         now = clock.now()
         with self.engine.begin() as conn:
             pk = conn.execute(insert(L).values(
                 organisation_pk=who.organisation_pk, created_by_user_pk=who.user_pk,
-                secret_hash=hash_secret(secret), label=(label or None), max_bytes=max_bytes,
+                secret_hash=secret_digest(secret), label=(label or None), max_bytes=max_bytes,
                 notify=notify_me, created_at=now,
                 expires_at=now + timedelta(days=expires_in_days))
             ).inserted_primary_key[0]  # type: ignore[index]
         link = self._get(int(pk))
-        self.access.record("upload-link.create", who, wait=True,
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "label": link.label,
-                                    "max_bytes": link.max_bytes,
-                                    "expires_at": clock.iso(link.expires_at),
-                                    "notify": link.notify})
+        self.audit("upload-link.create", who, link, details={
+            "label": link.label, "max_bytes": link.max_bytes,
+            "expires_at": clock.iso(link.expires_at), "notify": link.notify}, wait=True)
         self.sweep()
         return link, secret
 
@@ -261,17 +249,16 @@ class Uploads:
     def received(self, link: UploadLink) -> dict[str, Any]:
         """What a link has received, for its creator."""
         files = self.files(link)
-        counts = {"stored": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
+        counts = Counts()
         studies: dict[str, int] = {}
         for f in files:
-            for k, v in f.counts().items():
-                counts[k] = counts.get(k, 0) + v
+            counts.add(f.results)
             for r in f.results:
                 if r["outcome"] in ("stored", "duplicate") and r.get("study"):
                     studies[r["study"]] = studies.get(r["study"], 0) + 1
         return {"files": [f.as_json() for f in files],
                 "bytes_received": sum(f.received for f in files),
-                "instances": counts,
+                "instances": counts.as_json(),
                 "studies": [{"study": k, "instances": v} for k, v in studies.items()]}
 
     def revoke(self, who: Principal, link_id: int) -> UploadLink:
@@ -282,10 +269,17 @@ class Uploads:
             conn.execute(update(F).where(F.c.link_pk == link.id, F.c.state == RECEIVING)
                          .values(state=CANCELLED, updated_at=clock.now()))
         self._remove_parts(link.id)
-        self.access.record("upload-link.revoke", who, wait=True,
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "label": link.label})
+        self.audit("upload-link.revoke", who, link, details={"label": link.label}, wait=True)
         return self._get(link.id)
+
+    def audit(self, action: str, who: Principal, link: UploadLink, outcome: str = "success",
+              details: Mapping[str, Any] | None = None, *, wait: bool = False,
+              study_uids: Iterable[str] = ()) -> None:
+        """Record ``action`` on ``link`` in its organisation's audit trail (what comes
+        through a link is that organisation's data), naming the link."""
+        self.access.record(action, who, outcome, wait=wait, study_uids=study_uids,
+                           data_organisations=[link.organisation_pk],
+                           details={"upload_link": link.id, **(details or {})})
 
     # -- the sender's side -------------------------------------------------------------
     def resolve(self, secret: str, source: str | None, purpose: str) -> UploadLink:
@@ -295,7 +289,7 @@ class Uploads:
         link = None
         if 20 <= len(secret) <= 100:
             with self.engine.connect() as conn:
-                row = conn.execute(_LINKS.where(L.c.secret_hash == hash_secret(secret))).first()
+                row = conn.execute(_LINKS.where(L.c.secret_hash == secret_digest(secret))).first()
             link = _link(row) if row is not None else None
         if link is None:
             self._bad_secret(source)
@@ -306,10 +300,8 @@ class Uploads:
         if state in ("expired", "revoked"):
             when = link.revoked_at if state == "revoked" else link.expires_at
             reason = f"this upload link was {state} on {when:%Y-%m-%d %H:%M} UTC"
-            self.access.record("upload-link.use", self.principal(link, source), "denied",
-                               data_organisations=[link.organisation_pk],
-                               details={"upload_link": link.id, "reason": reason,
-                                        "purpose": purpose})
+            self.audit("upload-link.use", self.principal(link, source), link, "denied",
+                       {"reason": reason, "purpose": purpose})
             if state == "expired":
                 self._remove_parts(link.id)
             raise LinkGone(reason, state)
@@ -317,9 +309,8 @@ class Uploads:
 
     def opened(self, link: UploadLink, source: str | None) -> None:
         """The upload page was opened (the link was handed on and used)."""
-        self.access.record("upload-link.open", self.principal(link, source),
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "state": link.state()})
+        self.audit("upload-link.open", self.principal(link, source), link,
+                   details={"state": link.state()})
 
     def principal(self, link: UploadLink, source: str | None) -> Principal:
         """Who stores through the link: an uploader of the link's organisation."""
@@ -343,17 +334,14 @@ class Uploads:
                     state=RECEIVING, created_at=now, updated_at=now)
                 ).inserted_primary_key[0]  # type: ignore[index]
         if refused is not None:
-            self.access.record("upload.begin", who, "denied",
-                               data_organisations=[link.organisation_pk],
-                               details={"upload_link": link.id, "name": name, "size": size,
-                                        "reason": refused.reason})
+            self.audit("upload.begin", who, link, "denied",
+                       {"name": name, "size": size, "reason": refused.reason})
             raise refused
         path = self.part_path(link.id, upload_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-        self.access.record("upload.begin", who, data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "upload_id": upload_id,
-                                    "name": name, "size": size})
+        self.audit("upload.begin", who, link,
+                   details={"upload_id": upload_id, "name": name, "size": size})
         return UploadFile(int(pk), upload_id, link.id, name, size, 0, RECEIVING, [], now, now)
 
     def _reserve(self, conn: Connection, link: UploadLink, name: str, size: int,
@@ -404,10 +392,8 @@ class Uploads:
 
     def refused_chunk(self, link: UploadLink, f: UploadFile, source: str | None,
                       exc: DicomshareError) -> None:
-        self.access.record("upload.chunk", self.principal(link, source), "denied",
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "upload_id": f.id,
-                                    "reason": exc.reason})
+        self.audit("upload.chunk", self.principal(link, source), link, "denied",
+                   {"upload_id": f.id, "reason": exc.reason})
 
     def cancel(self, link: UploadLink, f: UploadFile, source: str | None) -> None:
         """Abandon a file still being received; its reservation goes back to the link."""
@@ -421,9 +407,8 @@ class Uploads:
             raise InvalidInput(f"this upload is {f.state}; only one being received can be "
                                "cancelled")
         self.part_path(link.id, f.id).unlink(missing_ok=True)
-        self.access.record("upload.cancel", self.principal(link, source),
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id, "upload_id": f.id})
+        self.audit("upload.cancel", self.principal(link, source), link,
+                   details={"upload_id": f.id})
 
     def finish(self, link: UploadLink, f: UploadFile, source: str | None) -> UploadFile:
         """Ingest a completely received file (once, whoever asks first)."""
@@ -453,14 +438,11 @@ class Uploads:
                 instances_stored=L.c.instances_stored + outcome.stored, last_used_at=now))
             if link.notify:
                 self._notify(conn, link.id, force=False)
-        self.access.record("upload.file", who, "success" if state == STORED else "failure",
-                           data_organisations=[link.organisation_pk],
-                           study_uids=sorted({r["study"] for r in results if r.get("study")
-                                              and r["outcome"] in ("stored", "duplicate")}),
-                           details={"upload_link": link.id, "upload_id": f.id,
-                                    "name": f.name, "size": f.size, **outcome.as_json(),
-                                    "reasons": sorted({r["reason"] for r in results
-                                                       if r.get("reason")})[:10]})
+        self.audit("upload.file", who, link, "success" if state == STORED else "failure",
+                   {"upload_id": f.id, "name": f.name, "size": f.size, **outcome.as_json(),
+                    "reasons": sorted({r["reason"] for r in results if r.get("reason")})[:10]},
+                   study_uids=sorted({r["study"] for r in results if r.get("study")
+                                      and r["outcome"] in ("stored", "duplicate")}))
         return self.file(link, f.id)
 
     def recover(self, link: UploadLink, f: UploadFile, source: str | None) -> UploadFile:
@@ -489,9 +471,7 @@ class Uploads:
         if link.notify:
             with self.engine.begin() as conn:
                 self._notify(conn, link.id, force=True)
-        self.access.record("upload.done", self.principal(link, source),
-                           data_organisations=[link.organisation_pk],
-                           details={"upload_link": link.id})
+        self.audit("upload.done", self.principal(link, source), link)
 
     # -- ingest -----------------------------------------------------------------------
     def _ingest(self, who: Principal, link: UploadLink, f: UploadFile,

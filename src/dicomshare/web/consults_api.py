@@ -12,7 +12,9 @@ Whatever the caller is no party to answers 404, exactly like what does not exist
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
@@ -21,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from dicomshare.access.policy import Action, Principal
 from dicomshare.errors import InvalidInput
 from dicomshare.sharing import notify as notifications
+from dicomshare.sharing.common import app_service
 from dicomshare.sharing.consults import Consults
 from dicomshare.sharing.inbox import Inbox
 from dicomshare.web.app import principal, requires
@@ -41,20 +44,32 @@ Sharer = Annotated[Principal, Depends(requires(Action.SHARE))]
 
 def _inbox(request: Request) -> Inbox:
     state = request.app.state
-    found = getattr(state, "inbox", None)
-    if found is None:
-        found = state.inbox = Inbox(state.archive.index.engine, state.grants,
-                                    state.identities, state.access)
-    return found
+    return app_service(state, "inbox", lambda: Inbox(
+        state.archive.index.engine, state.grants, state.identities, state.access))
 
 
 def _consults(request: Request) -> Consults:
     state = request.app.state
-    found = getattr(state, "consults", None)
-    if found is None:
-        found = state.consults = Consults(state.archive.index.engine, state.grants,
-                                          state.access)
-    return found
+    return app_service(state, "consults", lambda: Consults(
+        state.archive.index.engine, state.grants, state.access))
+
+
+class _Shown(Protocol):
+    def as_json(self, who: Principal) -> dict[str, Any]: ...
+
+
+async def _one(who: Principal, call: Callable[..., _Shown], *args: Any) -> dict[str, Any]:
+    """Run a service call off the event loop (it blocks on the database) and show its
+    result as the caller may see it (an inbox item hides its study until accepted)."""
+    found = await run_in_threadpool(call, who, *args)
+    return found.as_json(who)
+
+
+async def _many(who: Principal, call: Callable[..., Iterable[_Shown]],
+                *args: Any) -> list[dict[str, Any]]:
+    """:func:`_one` for a listing."""
+    found = await run_in_threadpool(call, who, *args)
+    return [x.as_json(who) for x in found]
 
 
 # -- inbox ---------------------------------------------------------------------------------
@@ -84,12 +99,11 @@ StateFilter = Annotated[str | None, Query(max_length=20)]
 async def send(request: Request, body: SendCreate, who: Sharer) -> dict[str, Any]:
     """Send a study (``study_uid``) or all studies of a patient (``patient``) to another
     organisation, or one of its users; they find it in their inbox."""
-    item = await run_in_threadpool(lambda: _inbox(request).send(
-        who, study_uid=body.study_uid,
+    return await _one(who, partial(
+        _inbox(request).send, study_uid=body.study_uid,
         patient=(body.patient.id, body.patient.issuer) if body.patient else None,
         to_organisation=body.to_organisation, to_user=body.to_user,
         permissions=list(body.permissions), message=body.message))
-    return item.as_json(who)
 
 
 @router.get("/inbox", tags=["inbox"])
@@ -97,45 +111,38 @@ async def inbox(request: Request, who: Viewer,
                 state: StateFilter = None) -> list[dict[str, Any]]:
     """Items sent to the caller's organisation or to the caller, newest first. Until an
     item is accepted it does not say which study or patient it is about."""
-    items = await run_in_threadpool(_inbox(request).received, who, state)
-    return [x.as_json(who) for x in items]
+    return await _many(who, _inbox(request).received, state)
 
 
 @router.get("/inbox/sent", tags=["inbox"])
 async def sent(request: Request, who: Sharer,
                state: StateFilter = None) -> list[dict[str, Any]]:
     """Items the caller's organisation sent, newest first."""
-    items = await run_in_threadpool(_inbox(request).sent, who, state)
-    return [x.as_json(who) for x in items]
+    return await _many(who, _inbox(request).sent, state)
 
 
 @router.get("/inbox/{item_id}", tags=["inbox"])
 async def inbox_item(request: Request, item_id: int, who: Caller) -> dict[str, Any]:
-    item = await run_in_threadpool(_inbox(request).visible, who, item_id)
-    return item.as_json(who)
+    return await _one(who, _inbox(request).visible, item_id)
 
 
 @router.post("/inbox/{item_id}/accept", tags=["inbox"])
 async def accept_item(request: Request, item_id: int, who: Caller) -> dict[str, Any]:
     """Accept: a grant from the sender's organisation opens the study to the recipient
     (it is listed in /api/grants; its id is ``grant_id``)."""
-    item = await run_in_threadpool(_inbox(request).accept, who, item_id)
-    return item.as_json(who)
+    return await _one(who, _inbox(request).accept, item_id)
 
 
 @router.post("/inbox/{item_id}/decline", tags=["inbox"])
 async def decline_item(request: Request, item_id: int, who: Caller,
                        body: Reason | None = None) -> dict[str, Any]:
-    item = await run_in_threadpool(_inbox(request).decline, who, item_id,
-                                   body.reason if body else None)
-    return item.as_json(who)
+    return await _one(who, _inbox(request).decline, item_id, body.reason if body else None)
 
 
 @router.post("/inbox/{item_id}/withdraw", tags=["inbox"])
 async def withdraw_item(request: Request, item_id: int, who: Caller) -> dict[str, Any]:
     """The sender takes back an item still pending (an accepted one: revoke its grant)."""
-    item = await run_in_threadpool(_inbox(request).withdraw, who, item_id)
-    return item.as_json(who)
+    return await _one(who, _inbox(request).withdraw, item_id)
 
 
 # -- consults ------------------------------------------------------------------------------
@@ -167,11 +174,10 @@ async def request_consult(request: Request, body: ConsultCreate, who: Sharer) ->
     for uid in body.studies:
         if not 0 < len(uid) <= 64:
             raise InvalidInput("study UIDs have 1 to 64 characters")
-    consult = await run_in_threadpool(lambda: _consults(request).request(
-        who, studies=body.studies, question=body.question, urgency=body.urgency,
-        specialist_organisation=body.specialist_organisation,
+    return await _one(who, partial(
+        _consults(request).request, studies=body.studies, question=body.question,
+        urgency=body.urgency, specialist_organisation=body.specialist_organisation,
         specialist_user=body.specialist_user))
-    return consult.as_json(who)
 
 
 @router.get("/consults", tags=["consults"])
@@ -180,34 +186,29 @@ async def list_consults(
         role: Annotated[Literal["requester", "specialist"] | None, Query()] = None,
         state: StateFilter = None) -> list[dict[str, Any]]:
     """Consults the caller is a party to, as requester or specialist, newest first."""
-    found = await run_in_threadpool(_consults(request).find, who, role, state)
-    return [x.as_json(who) for x in found]
+    return await _many(who, _consults(request).find, role, state)
 
 
 @router.get("/consults/{consult_id}", tags=["consults"])
 async def get_consult(request: Request, consult_id: int, who: Caller) -> dict[str, Any]:
-    consult = await run_in_threadpool(_consults(request).get, who, consult_id)
-    return consult.as_json(who)
+    return await _one(who, _consults(request).get, consult_id)
 
 
 @router.post("/consults/{consult_id}/accept", tags=["consults"])
 async def accept_consult(request: Request, consult_id: int, who: Caller) -> dict[str, Any]:
-    consult = await run_in_threadpool(_consults(request).accept, who, consult_id)
-    return consult.as_json(who)
+    return await _one(who, _consults(request).accept, consult_id)
 
 
 @router.post("/consults/{consult_id}/decline", tags=["consults"])
 async def decline_consult(request: Request, consult_id: int, who: Caller,
                           body: Reason | None = None) -> dict[str, Any]:
-    consult = await run_in_threadpool(_consults(request).decline, who, consult_id,
-                                      body.reason if body else None)
-    return consult.as_json(who)
+    return await _one(who, _consults(request).decline, consult_id,
+                      body.reason if body else None)
 
 
 @router.post("/consults/{consult_id}/close", tags=["consults"])
 async def close_consult(request: Request, consult_id: int, who: Caller) -> dict[str, Any]:
-    consult = await run_in_threadpool(_consults(request).close, who, consult_id)
-    return consult.as_json(who)
+    return await _one(who, _consults(request).close, consult_id)
 
 
 @router.get("/consults/{consult_id}/comments", tags=["consults"])
@@ -227,9 +228,8 @@ async def give_opinion(request: Request, consult_id: int, body: OpinionCreate,
                        who: Caller) -> dict[str, Any]:
     """The specialist's answer, stored in the study as a Basic Text SR (``sr``) or an
     Encapsulated PDF (``pdf``) in a new series, readable by the requester over DICOMweb."""
-    consult = await run_in_threadpool(lambda: _consults(request).opinion(
-        who, consult_id, body.text, body.format, body.study_uid))
-    return consult.as_json(who)
+    return await _one(who, _consults(request).opinion, consult_id, body.text, body.format,
+                      body.study_uid)
 
 
 # -- notifications -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import os
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,12 +24,12 @@ from dicomshare import clock
 from dicomshare.access.policy import Action, Principal
 from dicomshare.access.sessions import TooManyAttempts
 from dicomshare.errors import (
-    DicomshareError,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from dicomshare.sharing.common import app_service
 from dicomshare.sharing.uploads import (
     MAX_EXPIRY_DAYS,
     PROCESSING,
@@ -45,7 +45,6 @@ from dicomshare.web.dicomweb import root_url
 
 router = APIRouter(tags=["upload links"])
 Sharer = Annotated[Principal, Depends(requires(Action.SHARE))]
-_lock = threading.Lock()
 _STATIC = Path(__file__).parent / "static" / "upload"
 CHUNK_SIZE = 4 << 20  # what the page sends per PATCH (any size is accepted)
 OFFSET_TYPE = "application/offset+octet-stream"
@@ -63,19 +62,14 @@ _PUBLIC_HEADERS = {
 
 def uploads_of(app: FastAPI) -> Uploads:
     """The app's Uploads service, made on first use."""
-    found: Uploads | None = getattr(app.state, "uploads", None)
-    if found is not None:
-        return found
-    with _lock:
-        found = getattr(app.state, "uploads", None)
-        if found is None:
-            found = Uploads(app.state.archive.index.engine, app.state.access,
-                            app.state.settings)
-            app.state.uploads = found
-    return found
+    state = app.state
+    return app_service(state, "uploads", lambda: Uploads(
+        state.archive.index.engine, state.access, state.settings))
 
 
 def public_base(request: Request) -> str:
+    """The server's base URL as the client reached it, for the link and Location URLs: the
+    DICOMweb root without its suffix (``public_url`` when set, else the port put back)."""
     root = root_url(request)
     suffix = request.app.state.settings.dicomweb_root
     return root[: -len(suffix)] if suffix and root.endswith(suffix) else root
@@ -90,11 +84,16 @@ class UploadLinkCreate(BaseModel):
     notify: bool = Field(False, description="notify me when files arrive")
 
 
-async def _denied(request: Request, action: str, who: Principal, exc: DicomshareError,
-                  link_id: int) -> None:
-    uploads = uploads_of(request.app)
-    await run_in_threadpool(lambda: uploads.access.record(
-        action, who, "denied", details={"upload_link": link_id, "reason": exc.reason}))
+async def _own_link(uploads: Uploads, action: str, who: Principal, link_id: int,
+                    call: Callable[[Principal, int], UploadLink]) -> UploadLink:
+    """``call`` on one of the caller's organisation's links; asking for another's (or a
+    missing one) is answered NotFound and audited as a refused ``action``."""
+    try:
+        return await run_in_threadpool(call, who, link_id)
+    except NotFound as exc:
+        await run_in_threadpool(uploads.access.record, action, who, "denied",
+                                details={"upload_link": link_id, "reason": exc.reason})
+        raise
 
 
 @router.post("/api/upload-links", status_code=201,
@@ -123,16 +122,10 @@ async def list_upload_links(request: Request, who: Sharer) -> list[dict[str, Any
 async def read_upload_link(request: Request, link_id: int, who: Sharer) -> dict[str, Any]:
     """One link and what it received: files, per-instance results, studies."""
     uploads = uploads_of(request.app)
-    try:
-        link = await run_in_threadpool(uploads.link, who, link_id)
-    except NotFound as exc:
-        await _denied(request, "upload-link.read", who, exc, link_id)
-        raise
+    link = await _own_link(uploads, "upload-link.read", who, link_id, uploads.link)
     received = await run_in_threadpool(uploads.received, link)
-    await run_in_threadpool(lambda: uploads.access.record(
-        "upload-link.read", who, data_organisations=[link.organisation_pk],
-        study_uids=[s["study"] for s in received["studies"]],
-        details={"upload_link": link.id}))
+    await run_in_threadpool(lambda: uploads.audit(
+        "upload-link.read", who, link, study_uids=[s["study"] for s in received["studies"]]))
     return {**link.as_json(), **received}
 
 
@@ -140,11 +133,7 @@ async def read_upload_link(request: Request, link_id: int, who: Sharer) -> dict[
 async def revoke_upload_link(request: Request, link_id: int, who: Sharer) -> dict[str, Any]:
     """Revoke a link: it refuses every request from now on; partial files are dropped."""
     uploads = uploads_of(request.app)
-    try:
-        link = await run_in_threadpool(uploads.revoke, who, link_id)
-    except NotFound as exc:
-        await _denied(request, "upload-link.revoke", who, exc, link_id)
-        raise
+    link = await _own_link(uploads, "upload-link.revoke", who, link_id, uploads.revoke)
     return link.as_json()
 
 
