@@ -16,8 +16,11 @@ DICOMweb, a DIMSE status for the network service, an exit code for the CLI.
     ├── Conflict                    409  contradicts what is stored
     │   ├── DuplicateConflict       409  same SOP Instance UID, different bytes (0x0111)
     │   └── StudyMismatch           409  instance is not in the study named by the URL (0xA900)
+    ├── Gone                        410  a link that existed: expired, revoked or used up
     ├── PayloadTooLarge             413  request body above the configured limit
     ├── UnsupportedMediaType        415  request body media type not supported
+    ├── Locked                      423  locked after too many wrong PINs
+    ├── TooManyRequests             429  throttled; ``retry_after`` seconds
     ├── StorageFailure              503  the archive could not make the object durable (0xA700)
     └── RemoteError                 502  a DICOM peer answered a request with a failure
         └── PeerUnavailable         502  peer unreachable, association rejected or aborted
@@ -86,6 +89,22 @@ class DuplicateConflict(Conflict):
 
 class StudyMismatch(Conflict):
     failure_reason = 0xA900
+
+
+class Gone(DicomshareError):
+    http_status = 410
+
+
+class Locked(DicomshareError):
+    http_status = 423
+
+
+class TooManyRequests(DicomshareError):
+    http_status = 429
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = max(1, int(retry_after))
 
 
 class PayloadTooLarge(DicomshareError):

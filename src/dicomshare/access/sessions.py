@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomshare.access.identity import Identities, principal_of
 from dicomshare.access.policy import Principal
 from dicomshare.config import Settings
-from dicomshare.errors import DicomshareError, Forbidden, Unauthenticated
+from dicomshare.errors import Forbidden, TooManyRequests, Unauthenticated
 from dicomshare.storage import schema as s
 
 __all__ = ["LoginRefused", "SessionInfo", "Sessions", "TooManyAttempts"]
@@ -54,14 +54,8 @@ class LoginRefused(Unauthenticated):
     """Wrong name or password (never says which), or a disabled account."""
 
 
-class TooManyAttempts(DicomshareError):
+class TooManyAttempts(TooManyRequests):
     """The user name is locked or the source throttled; ``retry_after`` is in seconds."""
-
-    http_status = 429
-
-    def __init__(self, reason: str, retry_after: int) -> None:
-        super().__init__(reason)
-        self.retry_after = max(1, int(retry_after))
 
 
 @dataclass(frozen=True)

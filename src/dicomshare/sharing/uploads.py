@@ -46,6 +46,7 @@ from dicomshare.errors import (
     DicomshareError,
     DuplicateConflict,
     Forbidden,
+    Gone,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
@@ -85,10 +86,8 @@ L = s.upload_link
 F = s.upload_file
 
 
-class LinkGone(DicomshareError):
+class LinkGone(Gone):
     """The link existed but no longer accepts uploads: expired or revoked (410)."""
-
-    http_status = 410
 
     def __init__(self, reason: str, why: str) -> None:
         super().__init__(reason)
