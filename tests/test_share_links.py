@@ -168,8 +168,7 @@ def test_create_refusals(site: Site) -> None:
         ({"studies": [site.studies["a"]], "permissions": ["delete"]}, "permissions"),
         ({"studies": [site.studies["a"]], "max_uses": 0}, "max_uses"),
         ({}, "either"),
-        ({"studies": [site.studies["a"]], "deidentified": True},
-         "de-identified links are not available yet"),
+        ({"studies": [site.studies["a"]], "deidentified": True}, "project_id"),
     ]
     for body, reason in cases:
         r = api.post(post, json=body, timeout=10)

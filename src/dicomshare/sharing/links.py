@@ -19,7 +19,6 @@ or locked link ends its sessions at once.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import threading
@@ -39,8 +38,17 @@ from dicomshare import clock
 from dicomshare.access.grants import live_grants
 from dicomshare.access.policy import Action, LiveGrant, Principal, check
 from dicomshare.config import Settings
-from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound
+from dicomshare.errors import (
+    DicomshareError,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    Locked,
+    NotFound,
+    TooManyRequests,
+)
 from dicomshare.keys import load_or_create_key
+from dicomshare.sharing.common import new_secret, secret_digest
 from dicomshare.sharing.notify import notify
 from dicomshare.storage import schema as s
 
@@ -56,7 +64,6 @@ DEFAULT_DAYS = 30
 MAX_STUDIES = 500
 SESSION_HOURS = 12
 USE_WINDOW_SECONDS = 30 * 60  # a session-less client counts one use per address per window
-SECRET_BYTES = 32
 # Per client address, failures (unknown secrets, wrong PINs) within the window before
 # further attempts are refused with 429 (share_link_failure rows; the PIN lock is per link).
 ADDRESS_MAX_FAILURES = 30
@@ -69,16 +76,12 @@ _L = s.share_link
 _LS = s.share_link_study
 
 
-class LinkGone(DicomshareError):
+class LinkGone(Gone):
     """Expired, revoked or used up (410)."""
 
-    http_status = 410
 
-
-class LinkLocked(DicomshareError):
+class LinkLocked(Locked):
     """Too many wrong PINs (423)."""
-
-    http_status = 423
 
 
 class PinRequired(DicomshareError):
@@ -87,16 +90,8 @@ class PinRequired(DicomshareError):
     http_status = 401
 
 
-class TooManyTries(DicomshareError):
-    http_status = 429
-
-    def __init__(self, reason: str, retry_after: int) -> None:
-        super().__init__(reason)
-        self.retry_after = max(1, int(retry_after))
-
-
-def link_digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+TooManyTries = TooManyRequests  # an address failed too often (429)
+link_digest = secret_digest
 
 
 @dataclass(frozen=True)
@@ -121,6 +116,10 @@ class Link:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    # Served through the de-identification engine with this research project's key and
+    # options (sharing/deid_view.py); never the originals.
+    deidentified: bool = False
+    project_id: int | None = None
 
     @property
     def has_pin(self) -> bool:
@@ -150,7 +149,8 @@ class Link:
             "expires_at": clock.iso(self.expires_at), "revoked_at": clock.iso(self.revoked_at),
             "state": self.state, "uses": self.uses, "max_uses": self.max_uses,
             "last_used_at": clock.iso(self.last_used_at), "has_pin": self.has_pin,
-            "notify": self.notify,
+            "notify": self.notify, "deidentified": self.deidentified,
+            "project_id": self.project_id,
         }
 
 
@@ -160,7 +160,8 @@ _SELECT = (
            _CREATOR.c.name, _L.c.secret_hash, _L.c.label, _L.c.patient_id,
            _L.c.issuer_of_patient_id, _L.c.permissions, _L.c.pin_hash, _L.c.pin_failures,
            _L.c.locked_at, _L.c.max_uses, _L.c.uses, _L.c.last_used_at, _L.c.notify,
-           _L.c.created_at, _L.c.expires_at, _L.c.revoked_at)
+           _L.c.created_at, _L.c.expires_at, _L.c.revoked_at, _L.c.deidentified,
+           _L.c.project_pk)
     .select_from(_L.join(s.organisation, _L.c.organisation_pk == s.organisation.c.pk)
                  .outerjoin(_CREATOR, _L.c.created_by_user_pk == _CREATOR.c.pk))
 )
@@ -185,7 +186,7 @@ def _link(row: Any, studies: list[str]) -> Link:
         pin_failures=int(row[11] or 0), locked_at=clock.aware(row[12]), max_uses=row[13],
         uses=int(row[14] or 0), last_used_at=clock.aware(row[15]), notify=bool(row[16]),
         created_at=clock.aware(row[17]), expires_at=clock.aware(row[18]),
-        revoked_at=clock.aware(row[19]))
+        revoked_at=clock.aware(row[19]), deidentified=bool(row[20]), project_id=row[21])
 
 
 def parse_link_permissions(items: Iterable[str]) -> tuple[str, ...]:
@@ -230,6 +231,8 @@ class LinkStore:
             return
         studies = list(link.studies) if link else []
         patients = [link.patient[0]] if link and link.patient else []
+        if link is not None and link.deidentified:
+            details = {"deidentified": True, "project": link.project_id, **details}
         self.access.record(action, who, outcome, wait=wait, patient_ids=patients,
                            study_uids=studies,
                            data_organisations=[link.organisation_pk] if link else (),
@@ -240,11 +243,22 @@ class LinkStore:
                patient: tuple[str, str] | None = None,
                permissions: Iterable[str] = ("view",), expires_at: datetime | None = None,
                pin: str | None = None, max_uses: int | None = None, notify: bool = False,
-               label: str | None = None) -> tuple[Link, str]:
+               label: str | None = None, deidentified: bool = False,
+               project_id: int | None = None) -> tuple[Link, str]:
         """A new link and its secret (the only time it is in clear). Studies the caller
-        may not share answer like unknown ones (NotFound)."""
+        may not share answer like unknown ones (NotFound). ``deidentified``: served with
+        the pseudonyms of ``project_id``, a research project of the caller's organisation
+        (any member who may share may use its key this way: docs/share-links.md)."""
         check(who, Action.SHARE)
         perms = parse_link_permissions(permissions)
+        if deidentified and project_id is None:
+            raise InvalidInput("a de-identified link needs project_id: the research project "
+                               "whose pseudonyms and options it uses")
+        if project_id is not None and not deidentified:
+            raise InvalidInput("project_id is for de-identified links (deidentified: true)")
+        if deidentified and "upload" in perms:
+            raise InvalidInput("a de-identified link cannot allow uploads: what it shows is "
+                               "not what is stored")
         if (not studies) == (patient is None):
             raise InvalidInput("share either studies (a list of StudyInstanceUIDs) or a "
                                "patient ({id, issuer})")
@@ -270,10 +284,15 @@ class LinkStore:
             raise InvalidInput("max_uses must be a positive number (at most 1000000)")
         if who.organisation_pk is None:
             raise Forbidden("only members of an organisation may create share links")
-        secret = secrets.token_urlsafe(SECRET_BYTES)
+        secret = new_secret()
         pin_hash = _hasher.hash(pin) if pin is not None else None
         grant_perms = _grant_permissions(perms)
         with self.engine.begin() as conn:
+            if project_id is not None:
+                owner = conn.execute(select(s.research_project.c.organisation_pk).where(
+                    s.research_project.c.pk == project_id)).scalar()
+                if owner is None or owner != who.organisation_pk:
+                    raise NotFound(f"no project {project_id}")
             mine = live_grants(conn, who)
             if patient is not None:
                 self._may_share(conn, who, mine, None, patient, grant_perms)
@@ -285,7 +304,8 @@ class LinkStore:
                 patient_id=patient[0] if patient else None,
                 issuer_of_patient_id=(patient[1] or None) if patient else None,
                 permissions=",".join(perms), pin_hash=pin_hash, max_uses=max_uses,
-                notify=notify, created_at=now, expires_at=expires_at))
+                notify=notify, created_at=now, expires_at=expires_at,
+                deidentified=deidentified, project_pk=project_id))
             pk = int(result.inserted_primary_key[0])  # type: ignore[index]
             if uids:
                 conn.execute(insert(_LS), [{"link_pk": pk, "study_instance_uid": u}

@@ -67,8 +67,10 @@ class LinkCreate(BaseModel):
     max_uses: int | None = Field(None, ge=1, le=1_000_000)
     notify: bool = False
     label: str | None = Field(None, max_length=200)
-    deidentified: bool = False
-    project_id: int | None = None
+    deidentified: bool = Field(False, description="serve only de-identified data, with the "
+                               "pseudonyms and options of the research project project_id")
+    project_id: int | None = Field(None, description="research project of your organisation "
+                                   "(required with deidentified)")
 
 
 def link_json(link: Link) -> dict[str, Any]:
@@ -80,8 +82,6 @@ async def create_link(request: Request, body: LinkCreate, who: Sharer) -> dict[s
     """Create a share link. The answer's ``secret`` and ``url`` are shown only once."""
     store = links_of(request.app)
     try:
-        if body.deidentified or body.project_id is not None:
-            raise InvalidInput("de-identified links are not available yet")
         if body.expires_in_days is not None and body.expires_at is not None:
             raise InvalidInput("give expires_in_days or expires_at, not both")
         expires_at = body.expires_at
@@ -91,12 +91,13 @@ async def create_link(request: Request, body: LinkCreate, who: Sharer) -> dict[s
         link, secret = await run_in_threadpool(lambda: store.create(
             who, studies=body.studies, patient=patient, permissions=body.permissions,
             expires_at=expires_at, pin=body.pin, max_uses=body.max_uses, notify=body.notify,
-            label=body.label))
+            label=body.label, deidentified=body.deidentified, project_id=body.project_id))
     except DicomshareError as exc:
         reason = exc.reason
         await run_in_threadpool(lambda: store.record(
             "link.create", who, "denied", reason=reason, studies=body.studies,
-            patient=body.patient.id if body.patient else None))
+            patient=body.patient.id if body.patient else None,
+            deidentified=body.deidentified, project_id=body.project_id))
         raise
     await run_in_threadpool(lambda: store.record("link.create", who, link=link, wait=True,
                                                  **_audited(link)))
@@ -108,7 +109,7 @@ async def create_link(request: Request, body: LinkCreate, who: Sharer) -> dict[s
 def _audited(link: Link) -> dict[str, Any]:
     data = link.as_json()
     return {k: data[k] for k in ("label", "permissions", "expires_at", "has_pin", "max_uses",
-                                 "notify", "state")}
+                                 "notify", "state", "deidentified", "project_id")}
 
 
 @router.get("/links")

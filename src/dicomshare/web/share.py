@@ -2,6 +2,11 @@
 DICOMweb root per link (``/share/{secret}/dicomweb``, mounted in web/app.py with
 :func:`link_dicomweb` as its dependency). No account is needed; see docs/share-links.md.
 
+A de-identified link never reaches those DICOMweb routes: :class:`_DeidentifiedRoute`
+takes every request under its root (any method, any path) before them, and serves it
+through sharing/deid_view.py; :func:`link_dicomweb` refuses such a link as well, should a
+request ever get there.
+
 A browser gets a link session (the ``dicomshare_link`` cookie, scoped to the link's path)
 when it opens the link, or when it enters the PIN. Clients that are not browsers send the
 PIN as the password of HTTP Basic authentication. Every refusal is audited, and answers
@@ -15,14 +20,15 @@ import binascii
 import html
 import os
 import tempfile
+import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import pydicom
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import (
     FileResponse,
     HTMLResponse,
@@ -31,7 +37,11 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
+from fastapi.routing import APIRoute
+from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Match
+from starlette.types import Scope
 
 from dicomshare.access.policy import Action, Principal
 from dicomshare.access.service import Access
@@ -39,6 +49,8 @@ from dicomshare.archive import Archive
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import parse_qido
 from dicomshare.errors import Forbidden, InvalidInput, NotFound
+from dicomshare.sharing import deid_view
+from dicomshare.sharing.deid_view import DeidViews
 from dicomshare.sharing.links import (
     Link,
     LinkGone,
@@ -359,8 +371,17 @@ async def info(request: Request, secret: str) -> Response:
 def _info(request: Request, secret: str) -> Response:
     store, link, _ = authorize(request, secret, "info")
     who = store.principal(link, client_of(request))
-    studies = _studies(request.app.state.access, who)
     root = f"/share/{secret}/dicomweb"
+    if link.deidentified:
+        view = deid_views_of(request.app).view(link, who)
+        shown = deid_view.summary(view, root)
+        return JSONResponse({
+            "label": link.label, "expires_at": link.as_json()["expires_at"],
+            "permissions": list(link.permissions), "deidentified": True,
+            "download_url": f"/share/{secret}/download.zip"
+            if "download" in link.permissions else None,
+            "dicomweb_root": root, **shown}, headers=_HEADERS)
+    studies = _studies(request.app.state.access, who)
     for st in studies:
         for se in st["series"]:
             se["thumbnail_url"] = (f"{root}/studies/{st['study_uid']}/series/"
@@ -369,7 +390,7 @@ def _info(request: Request, secret: str) -> Response:
             "permissions": list(link.permissions),
             "download_url": f"/share/{secret}/download.zip"
             if "download" in link.permissions else None,
-            "dicomweb_root": root, "studies": studies}
+            "dicomweb_root": root, "deidentified": False, "studies": studies}
     return JSONResponse(body, headers=_HEADERS)
 
 
@@ -389,6 +410,11 @@ def _download(request: Request, secret: str) -> Response:
     who = store.principal(link, source)
     access: Access = request.app.state.access
     archive: Archive = request.app.state.archive
+    name = "".join(c for c in (link.label or "images") if c.isalnum() or c in "-_ ")[:60]
+    filename = (name.strip() or "images").replace(" ", "_") + ".zip"
+    headers = {**_HEADERS, "Content-Disposition": f"attachment; filename=\"{filename}\""}
+    if link.deidentified:
+        return _deid_download(request, store, link, who, in_session, headers)
     instances: list[StoredInstance] = []
     for st in access.search(who, parse_qido(Level.STUDY, [])):
         uid = _value(st, "0020000D")
@@ -397,11 +423,46 @@ def _download(request: Request, secret: str) -> Response:
         raise NotFound("this link shows no images any more")
     _record(store, "link.download", link, source, instances=len(instances),
             bytes=sum(i.size for i in instances), in_session=in_session)
-    name = "".join(c for c in (link.label or "images") if c.isalnum() or c in "-_ ")[:60]
-    filename = (name.strip() or "images").replace(" ", "_") + ".zip"
-    return StreamingResponse(
-        _zip_stream(archive, instances), media_type="application/zip",
-        headers={**_HEADERS, "Content-Disposition": f"attachment; filename=\"{filename}\""})
+    return StreamingResponse(_zip_stream(archive, instances), media_type="application/zip",
+                             headers=headers)
+
+
+def _deid_download(request: Request, store: LinkStore, link: Link, who: Principal,
+                   in_session: bool, headers: dict[str, str]) -> Response:
+    """The zip of a de-identified link: files as the project's export writes them, held
+    back instances left out, and a DICOMDIR of what is in it."""
+    views = deid_views_of(request.app)
+    view = views.view(link, who)
+    if not view.served:
+        raise NotFound("this link shows no images any more")
+    for study in dict.fromkeys(i.original.study_uid for i in view.served):
+        views.access.locate(who, Action.DOWNLOAD, study)  # still allowed now (and audited)
+    _record(store, "link.download", link, client_of(request), instances=len(view.served),
+            withheld=len(view.withheld), in_session=in_session)
+    return StreamingResponse(_deid_zip_stream(views, view), media_type="application/zip",
+                             headers=headers)
+
+
+def _deid_zip_stream(views: DeidViews, view: deid_view.LinkView) -> Iterator[bytes]:
+    with tempfile.TemporaryDirectory(prefix="dicomshare-zip-") as tmp:
+        files: list[tuple[str, Path]] = []
+        for n, item in enumerate(view.served):
+            target = Path(tmp) / "files" / f"{n:06d}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with views.file_of(view, item) as path:
+                os.replace(path, target)
+            files.append((item.sop, target))
+        work = Path(tmp) / "fileset"
+        ids = _file_set(((sop, pydicom.dcmread(path, stop_before_pixels=True, force=True))
+                         for sop, path in files), work)
+        yield from _zip_members(work / "DICOMDIR", (
+            (ids[sop], path.stat().st_size, _file_chunks(path)) for sop, path in files))
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            yield chunk
 
 
 class _Sink:
@@ -437,16 +498,21 @@ _RECORD_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _file_set(archive: Archive, instances: list[StoredInstance], work: Path) -> dict[str, str]:
-    """Write a DICOMDIR for ``instances`` into ``work``; return SOP UID -> file ID (with
-    '/'). The DICOMDIR is made from header-only copies: the zip carries the stored bytes."""
+def _headers(archive: Archive, instances: list[StoredInstance]
+             ) -> Iterator[tuple[str, Dataset]]:
+    for inst in instances:
+        with archive.blobs.local_path(inst.blob_key) as path:
+            yield inst.sop_uid, pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
+def _file_set(headers: Iterable[tuple[str, Dataset]], work: Path) -> dict[str, str]:
+    """Write a DICOMDIR for the instances into ``work``; return SOP UID -> file ID (with
+    '/'). The DICOMDIR is made from header-only copies: the zip carries the files' bytes."""
     from pydicom.fileset import FileSet
 
     fs = FileSet()
     others: dict[str, str] = {}
-    for inst in instances:
-        with archive.blobs.local_path(inst.blob_key) as path:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    for sop_uid, ds in headers:
         try:
             fs.add(ds)
             continue
@@ -461,7 +527,7 @@ def _file_set(archive: Archive, instances: list[StoredInstance], work: Path) -> 
             fs.add(ds)
         except Exception:  # noqa: BLE001
             # No directory record fits (an unusual SOP class): in the zip, not the DICOMDIR.
-            others[inst.sop_uid] = f"OTHER/OB{len(others):06d}"
+            others[sop_uid] = f"OTHER/OB{len(others):06d}"
     work.mkdir(parents=True, exist_ok=True)
     fs.write(work)
     ids = {str(fi.SOPInstanceUID): fi.FileID.replace(os.sep, "/") for fi in fs}
@@ -472,20 +538,28 @@ def _zip_stream(archive: Archive, instances: list[StoredInstance]) -> Iterator[b
     """The zip, member by member: memory holds one chunk, never the archive."""
     with tempfile.TemporaryDirectory(prefix="dicomshare-zip-") as tmp:
         work = Path(tmp) / "fileset"
-        ids = _file_set(archive, instances, work)
-        sink = _Sink()
-        with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.write(work / "DICOMDIR", "DICOMDIR")
-            yield sink.take()
-            for inst in instances:
-                info = zipfile.ZipInfo(ids[inst.sop_uid], date_time=(2000, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_STORED
-                info.file_size = inst.size
-                with zf.open(info, "w", force_zip64=inst.size >= 2**31) as out:
-                    for chunk in archive.read_chunks(inst.blob_key):
-                        out.write(chunk)
-                        yield sink.take()
+        ids = _file_set(_headers(archive, instances), work)
+        yield from _zip_members(work / "DICOMDIR", (
+            (ids[inst.sop_uid], inst.size, archive.read_chunks(inst.blob_key))
+            for inst in instances))
+
+
+def _zip_members(dicomdir: Path, members: Iterable[tuple[str, int, Iterable[bytes]]]
+                 ) -> Iterator[bytes]:
+    """A zip of the DICOMDIR and (file ID, size, chunks) members, streamed."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.write(dicomdir, "DICOMDIR")
         yield sink.take()
+        for file_id, size, chunks in members:
+            info = zipfile.ZipInfo(file_id, date_time=(2000, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.file_size = size
+            with zf.open(info, "w", force_zip64=size >= 2**31) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    yield sink.take()
+    yield sink.take()
 
 
 # -- the DICOMweb root of a link ---------------------------------------------------------------
@@ -496,6 +570,10 @@ def link_dicomweb(request: Request, secret: str) -> None:
     store, link, _ = authorize(request, secret, "dicomweb")
     source = client_of(request)
     method = request.method.upper()
+    if link.deidentified:  # served by _DeidentifiedRoute only: these routes show originals
+        _record(store, "link.dicomweb", link, source, "denied",
+                reason="a de-identified link reached the routes of the originals")
+        raise NotFound("not found")
     request.state.dicomweb_root = f"/share/{secret}/dicomweb"
     if method in ("GET", "HEAD"):
         request.state.principal = store.principal(link, source)
@@ -523,3 +601,67 @@ def link_dicomweb(request: Request, secret: str) -> None:
                 reason="upload into a study the link does not cover", study=study)
         raise NotFound(f"study {study} not found")
     request.state.principal = store.principal(link, source, store=True)
+
+
+# -- the DICOMweb root of a de-identified link --------------------------------------------------
+_lock = threading.Lock()
+_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+def deid_views_of(app: FastAPI) -> DeidViews:
+    """The app's DeidViews (maps of de-identified links), made on first use."""
+    found: DeidViews | None = getattr(app.state, "deid_views", None)
+    if found is not None:
+        return found
+    with _lock:
+        found = getattr(app.state, "deid_views", None)
+        if found is None:
+            found = DeidViews(app.state.access, app.state.settings)
+            app.state.deid_views = found
+    return found
+
+
+class _DeidentifiedRoute(APIRoute):
+    """Matches under ``/share/{secret}/dicomweb`` only when the secret is a de-identified
+    link's, for every method and path, so the normal DICOMweb routes (mounted after this
+    router) never see such a link. When it cannot tell, it matches: the handler then
+    authorizes the link, and never serves originals."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.NONE:
+            return match, child
+        secret = str(child.get("path_params", {}).get("secret", ""))
+        app = scope.get("app")
+        try:
+            deidentified = app is not None and deid_views_of(app).is_deidentified(secret)
+        except Exception:  # noqa: BLE001 - fail closed: the handler decides
+            deidentified = True
+        return (match, child) if deidentified else (Match.NONE, {})
+
+
+async def _deid_endpoint(request: Request) -> Response:
+    params = request.path_params
+    return await run_in_threadpool(_deid_dicomweb, request, str(params["secret"]),
+                                   str(params.get("rest", "")))
+
+
+def _deid_dicomweb(request: Request, secret: str, rest: str) -> Response:
+    store, link, _ = authorize(request, secret, "dicomweb")
+    source = client_of(request)
+    if not link.deidentified:  # cannot happen: the flag of a link never changes
+        raise NotFound("not found")
+    method = request.method.upper()
+    if method not in ("GET", "HEAD"):
+        _record(store, "link.dicomweb", link, source, "denied",
+                reason=f"{method} is not allowed through a de-identified link")
+        raise Forbidden("a de-identified link can only read: no uploads, no changes")
+    request.state.dicomweb_root = f"/share/{secret}/dicomweb"
+    who = store.principal(link, source)
+    return deid_view.serve(deid_views_of(request.app), request, link, who, rest)
+
+
+for _path in ("/share/{secret}/dicomweb", "/share/{secret}/dicomweb/{rest:path}"):
+    router.add_api_route(_path, _deid_endpoint, methods=_METHODS, include_in_schema=False,
+                         route_class_override=_DeidentifiedRoute,
+                         name="deidentified_link_dicomweb")
