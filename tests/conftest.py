@@ -209,6 +209,18 @@ class Server:
                  "--password-stdin", stdin="correct horse battery\n")
         return self.cli("tokens", "create", user).stdout.strip()
 
+    def make_user(self, admin: requests.Session, name: str, org: str, role: str) -> str:
+        """Create user ``name`` (``role`` in organisation ``org``, password "correct horse
+        battery") through the API as ``admin``, and return a new token of theirs."""
+        r = admin.post(f"{self.url}/api/users", json={
+            "name": name, "organisation": org, "role": role,
+            "password": "correct horse battery"})
+        assert r.status_code == 201, r.text
+        r = admin.post(f"{self.url}/api/tokens", json={"user": name})
+        assert r.status_code == 201, r.text
+        token: str = r.json()["token"]
+        return token
+
 
 def make_server(tmp: Path, env: dict[str, str] | None = None,
                 ae_title: str = "DICOMSHARE") -> Server:

@@ -27,8 +27,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from conftest import Server, make_file, make_server
 from test_auth import STOW_TYPE, stow_body
 
-PASSWORD = "correct horse battery"
-
 
 @dataclass
 class Site:
@@ -65,13 +63,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     for org, roles in {"hospital": ["admin", "clinician", "uploader", "researcher", "auditor"],
                        "clinic": ["admin", "clinician"], "other": ["clinician"]}.items():
         for role in roles:
-            name = f"{role}-{org}"
-            r = root.post(f"{server.url}/api/users", json={
-                "name": name, "organisation": org, "role": role, "password": PASSWORD})
-            assert r.status_code == 201, r.text
-            r = root.post(f"{server.url}/api/tokens", json={"user": name})
-            assert r.status_code == 201, r.text
-            site.tokens[f"{org}/{role}"] = r.json()["token"]
+            site.tokens[f"{org}/{role}"] = server.make_user(root, f"{role}-{org}", org, role)
     data = tmp / "files"
     for name, owner, patient in (("own", "hospital", "PAT-H1"), ("shared", "hospital", "PAT-H2"),
                                  ("viewonly", "hospital", "PAT-H3"),

@@ -17,7 +17,6 @@ from pydicom.uid import generate_uid
 from conftest import Server, make_file, make_server
 from test_auth import STOW_TYPE, stow_body
 
-PASSWORD = "correct horse battery"
 PATIENTS = {
     # id: (name, sex, birth date, [(study date, modality, description, instances)])
     "H-100": ("Alpha^Ann", "F", "19500101",
@@ -54,10 +53,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).ok
     for name, org, role in (("clin", "hospital", "clinician"), ("res", "hospital", "researcher"),
                             ("adm", "hospital", "admin"), ("labres", "lab", "researcher")):
-        assert root.post(f"{server.url}/api/users", json={
-            "name": name, "organisation": org, "role": role, "password": PASSWORD}).ok
-        site.tokens[name] = root.post(f"{server.url}/api/tokens",
-                                      json={"user": name}).json()["token"]
+        site.tokens[name] = server.make_user(root, name, org, role)
     files = tmp / "files"
     for pid, (name, sex, born, studies) in PATIENTS.items():
         for date, modality, description, count in studies:

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytest_plugins = ["browser"]
-PASSWORD = "correct horse battery"
 DICOM_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -103,13 +102,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).status_code == 201
     for org, role in [("hospital", "admin"), ("hospital", "clinician"), ("other", "admin"),
                       ("other", "clinician")]:
-        name = f"{role}-{org}"
-        r = root.post(f"{server.url}/api/users", json={
-            "name": name, "organisation": org, "role": role, "password": PASSWORD})
-        assert r.status_code == 201, r.text
-        r = root.post(f"{server.url}/api/tokens", json={"user": name})
-        assert r.status_code == 201, r.text
-        site.tokens[f"{org}/{role}"] = r.json()["token"]
+        site.tokens[f"{org}/{role}"] = server.make_user(root, f"{role}-{org}", org, role)
     ct = _original("CT_small.dcm")
     # An ultrasound image in the CT's study, of the same patient: at risk of burned-in text.
     us = _original("US1_UNCR.dcm", StudyInstanceUID=ct.StudyInstanceUID,

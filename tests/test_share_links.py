@@ -25,7 +25,6 @@ from pydicom.uid import generate_uid
 from conftest import Server, make_file, make_server
 from test_auth import STOW_TYPE, stow_body
 
-PASSWORD = "correct horse battery"
 PIN = "4711-secret"
 
 
@@ -81,13 +80,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     for org, roles in {"hospital": ["admin", "clinician", "auditor"],
                        "other": ["clinician"]}.items():
         for role in roles:
-            name = f"{role}-{org}"
-            r = root.post(f"{server.url}/api/users", json={
-                "name": name, "organisation": org, "role": role, "password": PASSWORD})
-            assert r.status_code == 201, r.text
-            r = root.post(f"{server.url}/api/tokens", json={"user": name})
-            assert r.status_code == 201, r.text
-            site.tokens[f"{org}/{role}"] = r.json()["token"]
+            site.tokens[f"{org}/{role}"] = server.make_user(root, f"{role}-{org}", org, role)
     files = tmp / "files"
     _store(site, "hospital/clinician", files, "a", "PAT-A")
     _store(site, "hospital/clinician", files, "b", "PAT-B")

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["browser"]
 
-PASSWORD = "correct horse battery"
 OFFSET_TYPE = "application/offset+octet-stream"
 
 
@@ -59,13 +58,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert root.post(f"{site.url}/api/organisations", json={"name": org}).ok
     for org, role in (("specialist", "clinician"), ("specialist", "admin"),
                       ("specialist", "uploader"), ("clinic", "clinician"), ("clinic", "admin")):
-        name = f"{role}-{org}"
-        r = root.post(f"{site.url}/api/users", json={
-            "name": name, "organisation": org, "role": role, "password": PASSWORD})
-        assert r.status_code == 201, r.text
-        r = root.post(f"{site.url}/api/tokens", json={"user": name})
-        assert r.status_code == 201, r.text
-        site.tokens[f"{org}/{role}"] = r.json()["token"]
+        site.tokens[f"{org}/{role}"] = server.make_user(root, f"{role}-{org}", org, role)
     yield site
     server.stop()
 

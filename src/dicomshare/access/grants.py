@@ -116,6 +116,39 @@ def live_grants(conn: Connection, who: Principal) -> list[LiveGrant]:
                       clock.aware(r[6])) for r in rows]
 
 
+def owns(conn: Connection, org: int | None, study_uid: str | None,
+         patient: tuple[str, str] | None) -> bool:
+    """Whether organisation ``org`` owns the study (by UID) or some study of the patient
+    ((id, issuer)): owners may share without a grant (grants and share links alike)."""
+    if org is None:
+        return False
+    stmt = select(s.study_owner.c.study_pk).join(
+        s.study, s.study.c.pk == s.study_owner.c.study_pk).where(
+        s.study_owner.c.organisation_pk == org)
+    if study_uid:
+        stmt = stmt.where(s.study.c.study_instance_uid == study_uid)
+    else:
+        assert patient is not None
+        stmt = stmt.where(s.study.c.patient_id == patient[0],
+                          func.coalesce(s.study.c.issuer_of_patient_id, "") == patient[1])
+    return conn.execute(stmt.limit(1)).first() is not None
+
+
+def resharing_grant(covering: list[LiveGrant], perms: frozenset[str], what: str,
+                    too_much: str = "a re-share cannot add permissions") -> LiveGrant:
+    """The grant among ``covering`` (those covering ``what``, which the caller does not own)
+    that lets the caller share it on with ``perms``. Forbidden when they cover it without
+    re-share or with fewer permissions; NotFound, like unknown data, when none does."""
+    for grant in covering:
+        if "re-share" in grant.permissions:
+            if not perms <= grant.permissions:
+                raise Forbidden(f"{too_much}: you hold {','.join(sorted(grant.permissions))}")
+            return grant
+    if covering:
+        raise Forbidden(f"you may not share {what}: your grant has no re-share")
+    raise NotFound(f"{what} not found")
+
+
 def _grant(row: Any) -> Grant:
     return Grant(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                  tuple(p for p in GRANT_PERMISSIONS if p in row[7].split(",")), row[8], row[9],
@@ -209,33 +242,13 @@ class Grants:
                 patient: tuple[str, str] | None,
                 perms: frozenset[str]) -> tuple[int, LiveGrant | None]:
         what = f"study {study_uid}" if study_uid else f"patient {patient[0]}"  # type: ignore[index]
-        if who.organisation_pk is not None and self._owns(conn, who.organisation_pk,
-                                                          study_uid, patient):
+        if who.organisation_pk is not None and owns(conn, who.organisation_pk, study_uid,
+                                                    patient):
             return who.organisation_pk, None
         covering = [lg for lg in self.live_for(who)
                     if (lg.study_uid == study_uid if study_uid else lg.patient == patient)]
-        for grant in covering:
-            if "re-share" in grant.permissions:
-                if not perms <= grant.permissions:
-                    raise Forbidden(f"a re-share cannot add permissions: you hold "
-                                    f"{','.join(sorted(grant.permissions))}")
-                return grant.source, grant
-        if covering:
-            raise Forbidden(f"you may not share {what}: your grant has no re-share")
-        raise NotFound(f"{what} not found")
-
-    def _owns(self, conn: Connection, org: int, study_uid: str | None,
-              patient: tuple[str, str] | None) -> bool:
-        stmt = select(s.study_owner.c.study_pk).join(
-            s.study, s.study.c.pk == s.study_owner.c.study_pk).where(
-            s.study_owner.c.organisation_pk == org)
-        if study_uid:
-            stmt = stmt.where(s.study.c.study_instance_uid == study_uid)
-        else:
-            assert patient is not None
-            stmt = stmt.where(s.study.c.patient_id == patient[0],
-                              func.coalesce(s.study.c.issuer_of_patient_id, "") == patient[1])
-        return conn.execute(stmt.limit(1)).first() is not None
+        grant = resharing_grant(covering, perms, what)
+        return grant.source, grant
 
     def get(self, grant_id: int) -> Grant:
         with self.engine.connect() as conn:

@@ -45,7 +45,7 @@ from dicomshare.access.policy import Action, Principal
 from dicomshare.deid.engine import Deidentifier, read_instance
 from dicomshare.deid.masking import masking_hook
 from dicomshare.deid.pixels import PIXEL_TAGS
-from dicomshare.dicom import pixels, render, transfer
+from dicomshare.dicom import pixels, transfer
 from dicomshare.dicom.attributes import (
     DEFAULT_RETURN,
     SERIES_EXTRA,
@@ -58,7 +58,7 @@ from dicomshare.dicom.json import dataset_to_json
 from dicomshare.dicom.matching import parse_qido
 from dicomshare.dicom.pixels import NotAcceptable as PixelNotAcceptable
 from dicomshare.dicom.pixels import transcode
-from dicomshare.errors import InvalidInput, InvalidQuery, NotAcceptable, NotFound
+from dicomshare.errors import InvalidQuery, NotAcceptable, NotFound
 from dicomshare.storage import schema as s
 from dicomshare.storage.base import StoredInstance
 from dicomshare.web.dicomweb import (
@@ -80,6 +80,8 @@ from dicomshare.web.pixels import (
     _image_type,
     _pixel_call,
     _render_params,
+    render_path,
+    rendered_response,
 )
 
 if TYPE_CHECKING:
@@ -668,41 +670,10 @@ def _rendered(views: DeidViews, request: Request, view: LinkView, items: list[It
               frame_list: str | None, thumbnail: bool, instance_level: bool) -> Response:
     media = _image_type(request)
     params = _render_params(request)
-    found = list(items)
-    single = len(found) == 1 or (thumbnail and not instance_level)
-    if thumbnail and not instance_level:  # the image nearest the middle represents them all
-        middle = len(found) // 2
-        found = [found[i] for i in sorted(range(len(found)), key=lambda i: abs(i - middle))]
     frames: list[int | None] = list(_frame_list(frame_list)) if frame_list else [None]
-    jobs = [(item, frame) for item in found for frame in frames]
-    single = single and len(frames) == 1
 
     def one(item: Item, frame: int | None) -> bytes:
         with views.file_of(view, item) as path:
-            if thumbnail and not params.get("viewport"):
-                return bytes(_pixel_call(render.thumbnail, path, media_type=media))
-            return bytes(_pixel_call(render.render, path, frame, media_type=media, **params))
+            return render_path(path, frame, media, params, thumbnail)
 
-    first, n = b"", 0
-    for n, (item, frame) in enumerate(jobs):
-        try:
-            first = one(item, frame)
-            break
-        except (InvalidInput, NotAcceptable):
-            if n == len(jobs) - 1:
-                raise
-    if single:
-        return Response(first, media_type=media)
-    rest = jobs[n + 1:]
-
-    def parts() -> Iterator[tuple[dict[str, str], list[bytes]]]:
-        yield {"Content-Type": media}, [first]
-        for item, frame in rest:
-            try:
-                yield {"Content-Type": media}, [one(item, frame)]
-            except (InvalidInput, NotAcceptable):
-                continue  # non-image objects (SR) have no rendering
-
-    boundary = new_boundary()
-    return StreamingResponse(iter_multipart(parts(), boundary),
-                             media_type=multipart_content_type(boundary, media))
+    return rendered_response(list(items), frames, not instance_level, thumbnail, media, one)

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from dicomshare import clock
-from dicomshare.access.grants import live_grants
+from dicomshare.access.grants import live_grants, owns, resharing_grant
 from dicomshare.access.policy import Action, LiveGrant, Principal, check
 from dicomshare.config import Settings
 from dicomshare.errors import (
@@ -319,20 +319,13 @@ class LinkStore:
         covers it; Forbidden when a grant covers it without re-share or with fewer
         permissions (as access/grants.py decides for grants)."""
         what = f"study {study_uid}" if study_uid else f"patient {patient[0]}"  # type: ignore[index]
-        if _owns(conn, who.organisation_pk, study_uid, patient):
+        if owns(conn, who.organisation_pk, study_uid, patient):
             return
         study_patient = _patient_of(conn, study_uid) if study_uid else None
         covering = [g for g in mine if (study_uid and g.study_uid == study_uid)
                     or (g.patient is not None and g.patient in (patient, study_patient))]
-        for grant in covering:
-            if "re-share" in grant.permissions:
-                if not perms <= grant.permissions:
-                    raise Forbidden(f"a link cannot add permissions to your grant on {what}: "
-                                    f"you hold {','.join(sorted(grant.permissions))}")
-                return
-        if covering:
-            raise Forbidden(f"you may not share {what}: your grant has no re-share")
-        raise NotFound(f"{what} not found")
+        resharing_grant(covering, perms, what,
+                        f"a link cannot add permissions to your grant on {what}")
 
     def get_by_id(self, link_id: int) -> Link:
         with self.engine.connect() as conn:
@@ -584,22 +577,6 @@ def _verify(pin_hash: str, pin: str) -> bool:
         return bool(_hasher.verify(pin_hash, pin))
     except (VerificationError, InvalidHashError):
         return False
-
-
-def _owns(conn: Connection, org: int | None, study_uid: str | None,
-          patient: tuple[str, str] | None) -> bool:
-    if org is None:
-        return False
-    stmt = select(s.study_owner.c.study_pk).join(
-        s.study, s.study.c.pk == s.study_owner.c.study_pk).where(
-        s.study_owner.c.organisation_pk == org)
-    if study_uid:
-        stmt = stmt.where(s.study.c.study_instance_uid == study_uid)
-    else:
-        assert patient is not None
-        stmt = stmt.where(s.study.c.patient_id == patient[0],
-                          func.coalesce(s.study.c.issuer_of_patient_id, "") == patient[1])
-    return conn.execute(stmt.limit(1)).first() is not None
 
 
 def _patient_of(conn: Connection, study_uid: str) -> tuple[str, str] | None:

@@ -7,7 +7,6 @@ POST only. Every creation and revocation, and every refusal, is audited.
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -18,26 +17,19 @@ from starlette.concurrency import run_in_threadpool
 from dicomshare import clock
 from dicomshare.access.policy import Action, Principal
 from dicomshare.errors import DicomshareError, InvalidInput
+from dicomshare.sharing.common import app_service
 from dicomshare.sharing.links import DEFAULT_DAYS, MAX_DAYS, Link, LinkStore
 from dicomshare.web.app import requires
 
 router = APIRouter(tags=["share links"])
 Sharer = Annotated[Principal, Depends(requires(Action.SHARE))]
-_lock = threading.Lock()
 
 
 def links_of(app: FastAPI) -> LinkStore:
     """The app's LinkStore, made on first use."""
-    found: LinkStore | None = getattr(app.state, "links", None)
-    if found is not None:
-        return found
-    with _lock:
-        found = getattr(app.state, "links", None)
-        if found is None:
-            found = LinkStore(app.state.archive.index.engine, app.state.settings,
-                              app.state.access)
-            app.state.links = found
-    return found
+    state = app.state
+    return app_service(state, "links", lambda: LinkStore(
+        state.archive.index.engine, state.settings, state.access))
 
 
 def public_base(request: Request) -> str:

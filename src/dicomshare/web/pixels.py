@@ -8,8 +8,9 @@ representation, answers 406 before anything is streamed when none fits, and maps
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pydicom
 from fastapi import Request
@@ -17,7 +18,6 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from dicomshare.access.policy import Action
-from dicomshare.archive import Archive
 from dicomshare.dicom import pixels, render
 from dicomshare.dicom.attributes import parse_tag
 from dicomshare.errors import InvalidInput, InvalidQuery, NotAcceptable, NotFound
@@ -36,6 +36,7 @@ from dicomshare.web.dicomweb import (
 from dicomshare.web.multipart import iter_multipart, multipart_content_type, new_boundary
 
 OCTET = "application/octet-stream"
+T = TypeVar("T")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif")
 _FRAMES = re.compile(r"^\d{1,9}(,\d{1,9})*$")
 
@@ -212,19 +213,41 @@ async def _rendered(request: Request, study: str, series: str | None, instance: 
     archive = archive_of(request)
     found = [inst for inst, _ in await run_in_threadpool(
         access_of(request).locate, principal(request), Action.VIEW, study, series, instance)]
-    single = len(found) == 1 or (thumbnail and instance is None)
-    if thumbnail and instance is None:  # the image nearest the middle represents them all
+    frames: list[int | None] = list(_frame_list(frame_list)) if frame_list else [None]
+
+    def one(inst: StoredInstance, frame: int | None) -> bytes:
+        with archive.blobs.local_path(inst.blob_key) as path:
+            return render_path(path, frame, media, params, thumbnail)
+
+    return await run_in_threadpool(rendered_response, found, frames, instance is None,
+                                   thumbnail, media, one)
+
+
+def render_path(path: Path, frame: int | None, media: str, params: dict[str, Any],
+                thumbnail: bool) -> bytes:
+    """One rendered image (or thumbnail) of the file at ``path``."""
+    if thumbnail and not params.get("viewport"):
+        return bytes(_pixel_call(render.thumbnail, path, media_type=media))
+    return bytes(_pixel_call(render.render, path, frame, media_type=media, **params))
+
+
+def rendered_response(found: list[T], frames: list[int | None], whole: bool, thumbnail: bool,
+                      media: str, one: Callable[[T, int | None], bytes]) -> Response:
+    """The rendered (or thumbnail) answer for instances ``found``: one image, or a multipart
+    of each instance's frames. ``whole``: the request named a study or series, whose
+    thumbnail is the single image nearest its middle. Used by DICOMweb and share links."""
+    single = len(found) == 1 or (thumbnail and whole)
+    if thumbnail and whole:  # the image nearest the middle represents them all
         middle = len(found) // 2
         found = [found[i] for i in sorted(range(len(found)), key=lambda i: abs(i - middle))]
-    frames = _frame_list(frame_list) if frame_list else [None]
     jobs = [(inst, frame) for inst in found for frame in frames]
     single = single and len(frames) == 1
     # Render the first image before answering, so that a resource with nothing to render
     # (reports, RT plans) gets a 4xx with the reason, not a 200 and a broken stream.
+    first, n = b"", 0
     for n, (inst, frame) in enumerate(jobs):
         try:
-            first = await run_in_threadpool(_render_one, archive, inst, frame, media, params,
-                                            thumbnail)
+            first = one(inst, frame)
             break
         except (InvalidInput, NotAcceptable):
             if n == len(jobs) - 1:
@@ -237,23 +260,13 @@ async def _rendered(request: Request, study: str, series: str | None, instance: 
         yield {"Content-Type": media}, [first]
         for inst, frame in rest:
             try:
-                yield {"Content-Type": media}, [_render_one(archive, inst, frame, media,
-                                                            params, thumbnail)]
+                yield {"Content-Type": media}, [one(inst, frame)]
             except (InvalidInput, NotAcceptable):
                 continue  # non-image objects (SR, RT plans) have no rendering
 
     boundary = new_boundary()
     return StreamingResponse(iter_multipart(parts(), boundary),
                              media_type=multipart_content_type(boundary, media))
-
-
-def _render_one(archive: Archive, inst: StoredInstance, frame: int | None, media: str,
-                params: dict[str, Any], thumbnail: bool) -> bytes:
-    with archive.blobs.local_path(inst.blob_key) as path:
-        if thumbnail and not params.get("viewport"):
-            return _pixel_call(render.thumbnail, path, media_type=media)
-        return _pixel_call(render.render, path, frame, media_type=media,
-                           **params)
 
 
 def _routes() -> None:

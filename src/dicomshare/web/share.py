@@ -20,7 +20,6 @@ import binascii
 import html
 import os
 import tempfile
-import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -50,6 +49,7 @@ from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import parse_qido
 from dicomshare.errors import Forbidden, InvalidInput, NotFound
 from dicomshare.sharing import deid_view
+from dicomshare.sharing.common import app_service
 from dicomshare.sharing.deid_view import DeidViews
 from dicomshare.sharing.links import (
     Link,
@@ -240,7 +240,10 @@ async def landing(request: Request, secret: str) -> Response:
     return await run_in_threadpool(_landing, request, secret)
 
 
-def _landing(request: Request, secret: str) -> Response:
+def _page_link(request: Request, secret: str, what: str, allow_exhausted: bool
+               ) -> tuple[LinkStore, Link, str | None] | HTMLResponse:
+    """The link a page request names, or the page to answer instead (throttled, not
+    found, or the link's state when it may not be used)."""
     store = links_of(request.app)
     source = client_of(request)
     try:
@@ -250,9 +253,17 @@ def _landing(request: Request, secret: str) -> Response:
     except NotFound:
         return _not_found_page()
     try:
-        _refuse_state(store, link, source, "page", allow_exhausted=True)
+        _refuse_state(store, link, source, what, allow_exhausted=allow_exhausted)
     except (LinkGone, LinkLocked):
         return _state_page(link.state)
+    return store, link, source
+
+
+def _landing(request: Request, secret: str) -> Response:
+    found = _page_link(request, secret, "page", allow_exhausted=True)
+    if isinstance(found, Response):
+        return found
+    store, link, source = found
     if store.session_valid(link, request.cookies.get(COOKIE)):
         return _viewer(secret)
     if link.state == "exhausted":
@@ -280,18 +291,10 @@ async def unlock(request: Request, secret: str) -> Response:
 
 
 def _unlock(request: Request, secret: str, body: bytes) -> Response:
-    store = links_of(request.app)
-    source = client_of(request)
-    try:
-        link = _find(store, secret, source, request)
-    except TooManyTries as exc:
-        return _throttled_page(exc)
-    except NotFound:
-        return _not_found_page()
-    try:
-        _refuse_state(store, link, source, "unlock", allow_exhausted=False)
-    except (LinkGone, LinkLocked):
-        return _state_page(link.state)
+    found = _page_link(request, secret, "unlock", allow_exhausted=False)
+    if isinstance(found, Response):
+        return found
+    store, link, source = found
     landing_url = f"/share/{secret}"
     if not link.has_pin:
         return RedirectResponse(landing_url, status_code=303, headers=_HEADERS)
@@ -604,21 +607,13 @@ def link_dicomweb(request: Request, secret: str) -> None:
 
 
 # -- the DICOMweb root of a de-identified link --------------------------------------------------
-_lock = threading.Lock()
 _METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 def deid_views_of(app: FastAPI) -> DeidViews:
     """The app's DeidViews (maps of de-identified links), made on first use."""
-    found: DeidViews | None = getattr(app.state, "deid_views", None)
-    if found is not None:
-        return found
-    with _lock:
-        found = getattr(app.state, "deid_views", None)
-        if found is None:
-            found = DeidViews(app.state.access, app.state.settings)
-            app.state.deid_views = found
-    return found
+    state = app.state
+    return app_service(state, "deid_views", lambda: DeidViews(state.access, state.settings))
 
 
 class _DeidentifiedRoute(APIRoute):

@@ -136,6 +136,26 @@ const DS = (() => {
     });
   }
 
+  // A form's submit: the box cleared, the submit button disabled while `work` runs, and
+  // its error to the box. When `work` returns "leave" (it navigates away), the button
+  // stays disabled.
+  function submit(form, box, work) {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      say(box, "");
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      let leaving = false;
+      try {
+        leaving = (await work(event)) === "leave";
+      } catch (err) {
+        say(box, reason(err));
+      } finally {
+        if (!leaving) button.disabled = false;
+      }
+    });
+  }
+
   function copyButton(value, testid) {
     const button = el("button", {type: "button", className: "small", text: "Copy",
                                  testid});
@@ -327,6 +347,11 @@ const DS = (() => {
 
     return {
       selected: () => [...picked.keys()],
+      // The selected UIDs; an error (for the form's box) when there are none.
+      required() {
+        if (!picked.size) throw new Error("Search and select at least one study first.");
+        return [...picked.keys()];
+      },
       studies: () => [...picked.values()],
       reset() {
         picked.clear();
@@ -350,6 +375,6 @@ const DS = (() => {
     else go();
   }
 
-  return {ApiError, api, el, clear, when, say, reason, action, secretRow, start, run,
+  return {ApiError, api, el, clear, when, say, reason, action, submit, secretRow, start, run,
           settings, studySearch, studySummary, qido, value, TAG};
 })();

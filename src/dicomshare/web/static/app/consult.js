@@ -200,24 +200,13 @@ DS.run(async () => {
       say(box, DS.reason(err));
     }
   });
-  document.getElementById("answer").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const form = event.target;
-    const box = document.getElementById("answer-error");
-    const button = form.querySelector("button[type=submit]");
-    say(box, "");
-    button.disabled = true;
-    try {
-      const body = {text: form.text.value, format: form.format.value};
-      if (form.study.value) body.study_uid = form.study.value;
-      await api.post(`/api/consults/${id}/opinion`, body);
-      form.text.value = "";
-      await load();
-    } catch (err) {
-      say(box, DS.reason(err));
-    } finally {
-      button.disabled = false;
-    }
+  const answer = document.getElementById("answer");
+  DS.submit(answer, document.getElementById("answer-error"), async () => {
+    const body = {text: answer.text.value, format: answer.format.value};
+    if (answer.study.value) body.study_uid = answer.study.value;
+    await api.post(`/api/consults/${id}/opinion`, body);
+    answer.text.value = "";
+    await load();
   });
   await load();
 });

@@ -1,7 +1,7 @@
 // Consults: the lists (as requester, as specialist) and the request form.
 "use strict";
 
-const {api, el, clear, when, say} = DS;
+const {api, el, clear, when} = DS;
 
 function short(text, n) {
   return text.length > n ? `${text.slice(0, n - 1)}…` : text;
@@ -44,28 +44,16 @@ DS.run(async () => {
     const search = DS.studySearch(document.getElementById("search"));
     const form = document.getElementById("request");
     const box = document.getElementById("request-error");
-    form.addEventListener("submit", async (event) => {
-      event.preventDefault();
-      say(box, "");
-      const studies = search.selected();
-      if (!studies.length) {
-        say(box, "Search and select at least one study first.");
-        return;
-      }
+    DS.submit(form, box, async () => {
+      const studies = search.required();
       const body = {studies, question: form.question.value, urgency: form.urgency.value,
                     specialist_organisation: form.specialist_organisation.value.trim()};
       if (form.specialist_user.value.trim()) {
         body.specialist_user = form.specialist_user.value.trim();
       }
-      const submit = form.querySelector("button[type=submit]");
-      submit.disabled = true;
-      try {
-        const consult = await api.post("/api/consults", body);
-        location.assign(`/app/consults/${Number(consult.id)}`);
-      } catch (err) {
-        say(box, DS.reason(err));
-        submit.disabled = false;
-      }
+      const consult = await api.post("/api/consults", body);
+      location.assign(`/app/consults/${Number(consult.id)}`);
+      return "leave";
     });
   }
   await load();

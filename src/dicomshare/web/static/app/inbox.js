@@ -91,21 +91,13 @@ DS.run(async () => {
     const search = DS.studySearch(document.getElementById("search"));
     const form = document.getElementById("send");
     const box = document.getElementById("send-error");
-    form.addEventListener("submit", async (event) => {
-      event.preventDefault();
-      say(box, "");
-      const studies = search.selected();
-      if (!studies.length) {
-        say(box, "Search and select at least one study first.");
-        return;
-      }
+    DS.submit(form, box, async () => {
+      const studies = search.required();
       const permissions = [...form.querySelectorAll("input[name=perm]:checked")]
         .map((c) => c.value);
       const base = {to_organisation: form.to_organisation.value.trim(), permissions};
       if (form.to_user.value.trim()) base.to_user = form.to_user.value.trim();
       if (form.message.value.trim()) base.message = form.message.value.trim();
-      const submit = form.querySelector("button[type=submit]");
-      submit.disabled = true;
       let sent = 0;
       try {
         for (const uid of studies) {
@@ -116,9 +108,8 @@ DS.run(async () => {
         search.reset();
         form.message.value = "";
       } catch (err) {
-        say(box, sent ? `Sent ${sent}, then: ${DS.reason(err)}` : DS.reason(err));
+        throw sent ? new Error(`Sent ${sent}, then: ${DS.reason(err)}`) : err;
       } finally {
-        submit.disabled = false;
         await loadSent();
       }
     });

@@ -1,7 +1,7 @@
 // Share links: find studies, create a link (its URL and secret shown once), list, revoke.
 "use strict";
 
-const {api, el, clear, when, say} = DS;
+const {api, el, clear, when} = DS;
 
 function showNew(link) {
   const fields = clear(document.getElementById("new-link-fields"));
@@ -67,14 +67,8 @@ DS.run(async () => {
   const form = document.getElementById("create");
   const box = document.getElementById("create-error");
   document.getElementById("dismiss").addEventListener("click", hideNew);
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    say(box, "");
-    const studies = search.selected();
-    if (!studies.length) {
-      say(box, "Search and select at least one study first.");
-      return;
-    }
+  DS.submit(form, box, async () => {
+    const studies = search.required();
     const permissions = [...form.querySelectorAll("input[name=perm]:checked")]
       .map((c) => c.value);
     const body = {studies, permissions, notify: form.notify.checked};
@@ -82,20 +76,12 @@ DS.run(async () => {
     if (form.days.value) body.expires_in_days = Number(form.days.value);
     if (form.pin.value) body.pin = form.pin.value;
     if (form.max_uses.value) body.max_uses = Number(form.max_uses.value);
-    const button = form.querySelector("button[type=submit]");
-    button.disabled = true;
-    try {
-      const link = await api.post("/api/links", body);
-      showNew(link);
-      form.pin.value = "";
-      form.label.value = "";
-      search.reset();
-      await load();
-    } catch (err) {
-      say(box, DS.reason(err));
-    } finally {
-      button.disabled = false;
-    }
+    const link = await api.post("/api/links", body);
+    showNew(link);
+    form.pin.value = "";
+    form.label.value = "";
+    search.reset();
+    await load();
   });
   await load();
 });

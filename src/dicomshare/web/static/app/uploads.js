@@ -1,7 +1,7 @@
 // Upload links: create (URL shown once), list, revoke.
 "use strict";
 
-const {api, el, clear, when, say} = DS;
+const {api, el, clear, when} = DS;
 
 function size(bytes) {
   const n = Number(bytes) || 0;
@@ -51,26 +51,16 @@ DS.run(async () => {
     clear(document.getElementById("new-link-fields"));
     document.getElementById("new-link").hidden = true;
   });
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    say(box, "");
+  DS.submit(form, box, async () => {
     const body = {notify: form.notify.checked, expires_in_days: Number(form.days.value || 7)};
     if (form.label.value.trim()) body.label = form.label.value.trim();
     if (form.max_mb.value) body.max_bytes = Math.round(Number(form.max_mb.value) * (1 << 20));
-    const button = form.querySelector("button[type=submit]");
-    button.disabled = true;
-    try {
-      const link = await api.post("/api/upload-links", body);
-      const fields = clear(document.getElementById("new-link-fields"));
-      fields.append(DS.secretRow("Upload link for the sender", link.url, "new-upload-url"));
-      document.getElementById("new-link").hidden = false;
-      form.label.value = "";
-      await load();
-    } catch (err) {
-      say(box, DS.reason(err));
-    } finally {
-      button.disabled = false;
-    }
+    const link = await api.post("/api/upload-links", body);
+    const fields = clear(document.getElementById("new-link-fields"));
+    fields.append(DS.secretRow("Upload link for the sender", link.url, "new-upload-url"));
+    document.getElementById("new-link").hidden = false;
+    form.label.value = "";
+    await load();
   });
   await load();
 });
