@@ -157,6 +157,35 @@ def test_a_session_request_without_the_csrf_token_is_refused(site: Site) -> None
                        headers={"X-CSRF-Token": csrf}).status_code == 200
 
 
+def test_the_signed_in_viewer_shows_only_what_the_user_may_see(site: Site) -> None:
+    """/app/view/<study>/info.json lists a visible study; another organisation's study
+    answers like a missing one; nothing without a session."""
+    study = site.studies["link"]
+    assert requests.get(f"{site.url}/app/view/{study}/info.json",
+                        timeout=30).status_code == 401
+    sessions = {}
+    for user in ("doc", "spec"):
+        http = sessions[user] = requests.Session()
+        assert http.post(f"{site.url}/api/login", json={"username": user,
+                                                         "password": PASSWORD},
+                         timeout=30).status_code == 200
+    info = sessions["doc"].get(f"{site.url}/app/view/{study}/info.json", timeout=30)
+    assert info.status_code == 200, info.text
+    [shown] = info.json()["studies"]
+    assert shown["study_uid"] == study and shown["patient_name"] == "Linkova^Alice"
+    assert shown["series"][0]["thumbnail_url"].startswith("/dicomweb/studies/")
+    assert info.json()["download_url"] is None
+    foreign = sessions["spec"].get(f"{site.url}/app/view/{study}/info.json", timeout=30)
+    missing = sessions["spec"].get(f"{site.url}/app/view/1.2.3.4.5/info.json", timeout=30)
+    assert foreign.status_code == missing.status_code == 404
+    assert "Linkova" not in foreign.text
+    assert sessions["doc"].get(f"{site.url}/app/view/not-a-uid/info.json",
+                               timeout=30).status_code == 400
+    page = sessions["doc"].get(f"{site.url}/app/view/{study}", timeout=30)
+    assert page.status_code == 200 and "Linkova" not in page.text
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+
+
 # -- in the browser ---------------------------------------------------------------------------
 def test_login_shows_a_wrong_password_then_goes_where_the_user_was_going(
         page: Page, site: Site) -> None:
@@ -276,6 +305,22 @@ def test_a_whole_consult_through_the_pages(new_page: NewPage, site: Site) -> Non
             spec.wait_for_url(consult_url)
             # The specialist sees the study before accepting (the consult's grant).
             expect(spec.get_by_test_id("consult-study")).to_contain_text("CT for consult")
+            # ... in the same viewer as share links, on the DICOMweb root with the session.
+            with spec.context.expect_page() as opened:
+                spec.get_by_test_id("view-study").click()
+            viewer = opened.value
+            thumb = viewer.get_by_test_id("thumbnail-image").first
+            expect(thumb).to_be_visible()
+            viewer.wait_for_function(
+                "() => [...document.querySelectorAll('[data-testid=thumbnail-image]')]"
+                ".every(i => i.complete && i.naturalWidth > 0)")
+            viewer.get_by_test_id("series-thumbnail").first.click()
+            expect(viewer.get_by_test_id("position")).to_contain_text("1 /")
+            viewer.wait_for_function(
+                "() => { const i = document.querySelector('[data-testid=image]');"
+                " return i && i.complete && i.naturalWidth > 0; }")
+            assert viewer.get_by_test_id("download").is_hidden()
+            viewer.close()
             spec.get_by_test_id("consult-accept").click()
             expect(spec.get_by_test_id("consult-state")).to_have_text("accepted")
             expect(spec.get_by_test_id("time-accepted_at")).not_to_be_empty()

@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
+from dicomshare.access.policy import Action
+from dicomshare.dicom.attributes import check_uid
 from dicomshare.errors import NotFound
+from dicomshare.web.app import require
+from dicomshare.web.share import VIEWER, covered_studies
 
 router = APIRouter(include_in_schema=False)
 STATIC = Path(__file__).parent / "static" / "app"
@@ -88,3 +93,30 @@ def static_shell(name: str) -> Response:
         raise NotFound(f"no file {name[:100]!r}")
     return FileResponse(path, headers={"X-Content-Type-Options": "nosniff",
                                        "Cache-Control": "no-cache"})
+
+
+# -- the viewer for signed-in users -----------------------------------------------------------
+# The share links' viewer, on the normal DICOMweb root with the session cookie: a specialist
+# looks at a consult's studies, a clinician at a study in the inbox, with the same viewer.
+@router.get("/app/view/{study}")
+def viewer(study: str) -> Response:
+    check_uid(study, "StudyInstanceUID")
+    return FileResponse(VIEWER, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+
+@router.get("/app/view/{study}/info.json")
+async def viewer_info(request: Request, study: str) -> Response:
+    check_uid(study, "StudyInstanceUID")
+    who = require(request, Action.VIEW)
+    studies = await run_in_threadpool(covered_studies, request.app.state.access, who, study)
+    if not studies:
+        raise NotFound(f"study {study} not found")
+    root = request.app.state.settings.dicomweb_root
+    for st in studies:
+        for se in st["series"]:
+            se["thumbnail_url"] = (f"{root}/studies/{st['study_uid']}/series/"
+                                   f"{se['series_uid']}/thumbnail")
+    return JSONResponse({"label": studies[0]["study_description"] or "Study",
+                         "expires_at": None, "permissions": ["view"], "download_url": None,
+                         "dicomweb_root": root, "deidentified": False, "studies": studies},
+                        headers={"Cache-Control": "no-store"})

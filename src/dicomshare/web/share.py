@@ -341,9 +341,14 @@ def _values(ds: dict[str, Any], tag: str) -> list[Any]:
     return list(ds.get(tag, {}).get("Value") or [])
 
 
-def _studies(access: Access, who: Principal) -> list[dict[str, Any]]:
-    """The studies a link shows, with their series (QIDO through Access)."""
-    study_query = parse_qido(Level.STUDY, [("includefield", "StudyDescription")])
+def covered_studies(access: Access, who: Principal, study_uid: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """The studies the caller sees (all, or the one named), with their series, as the
+    viewer's info.json lists them (QIDO through Access: what the caller may see only)."""
+    params = [("includefield", "StudyDescription")]
+    if study_uid is not None:
+        params.append(("StudyInstanceUID", study_uid))
+    study_query = parse_qido(Level.STUDY, params)
     out = []
     for st in access.search(who, study_query):
         uid = _value(st, "0020000D")
@@ -384,7 +389,7 @@ def _info(request: Request, secret: str) -> Response:
             "download_url": f"/share/{secret}/download.zip"
             if "download" in link.permissions else None,
             "dicomweb_root": root, **shown}, headers=_HEADERS)
-    studies = _studies(request.app.state.access, who)
+    studies = covered_studies(request.app.state.access, who)
     for st in studies:
         for se in st["series"]:
             se["thumbnail_url"] = (f"{root}/studies/{st['study_uid']}/series/"

@@ -97,9 +97,14 @@ async function studies(c) {
       ? [study.patientName, study.patientId, study.date, study.description,
          study.modalities, study.instances]
       : ["", "", "", `not visible to you (${uid})`, "", ""];
+    const view = study
+      ? el("a", {href: `/app/view/${encodeURIComponent(uid)}`, target: "_blank",
+                 rel: "noopener", text: "View images", testid: "view-study"})
+      : "";
     body.append(el("tr", {testid: "consult-study", dataset: {studyUid: uid}},
       ...cells.map((text) => el("td", {text})),
-      el("td", {text: hasOpinion ? "opinion stored here" : "", testid: "study-opinion"})));
+      el("td", {text: hasOpinion ? "opinion stored here" : "", testid: "study-opinion"}),
+      el("td", {}, view)));
     const label = study ? `${study.date} ${study.description || study.modalities}`.trim()
       : uid;
     select.append(el("option", {value: uid, text: label || uid}));
