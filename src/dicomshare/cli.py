@@ -164,8 +164,11 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
             if dicom is None:
                 archive.close()
             os.environ.update(settings_environment(settings))
+            # uvicorn kills a worker that does not answer its health ping in time (5 s by
+            # default), dropping the requests in flight; a busy worker on a loaded machine
+            # (de-identifying, rendering) can be that slow without being hung.
             uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
-                        **options)
+                        timeout_worker_healthcheck=60, **options)
         else:
             app = create_app(settings, archive)
             if dicom is not None:
