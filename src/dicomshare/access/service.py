@@ -195,6 +195,10 @@ class Access:
                              "refused": len(refused),
                              "reasons": sorted({r.error.reason for r in refused
                                                 if r.error})[:10]})
+        if stored:  # webhooks and watchlists: one outbox row, never an error (monitoring/)
+            from dicomshare.monitoring.events import instances_stored
+
+            instances_stored(self.archive.index.engine, who.organisation_pk, stored)
 
     def delete(self, who: Principal, study_uid: str, series_uid: str | None = None,
                sop_uid: str | None = None) -> list[StoredInstance]:

@@ -36,6 +36,7 @@ from dicomshare.access.grants import Grants
 from dicomshare.access.policy import Action, Principal, check, parse_permissions
 from dicomshare.access.service import Access
 from dicomshare.errors import Conflict, DicomshareError, Forbidden, InvalidInput, NotFound
+from dicomshare.monitoring.events import emit
 from dicomshare.sharing.common import (
     Record,
     addressed_to,
@@ -152,6 +153,8 @@ class Consults:
                        f"New {urgency} consult request from {who.organisation}",
                        {"consult_id": pk, "state": "requested",
                         "from_organisation": who.organisation})
+                emit(conn, "consult-updated", [who.organisation_pk, org_pk],
+                     {"consult_id": pk, "event": "requested", "state": "requested"})
         except DicomshareError as exc:
             if made:
                 self._revoke(who, made)
@@ -272,6 +275,8 @@ class Consults:
         subject = f"Consult #{consult.id}: {_NEWS.get(what, what)} by {who.organisation}"
         notify(conn, org, user, "consult-updated", subject,
                {"consult_id": consult.id, "event": what, "by_organisation": who.organisation})
+        emit(conn, "consult-updated", [r.requester_organisation_pk, r.specialist_organisation_pk],
+             {"consult_id": consult.id, "event": what})
 
     def _revoke(self, who: Principal, grant_ids: list[int]) -> list[int]:
         """Revoke the consult's grants (and any re-share made from them, though its grants

@@ -48,6 +48,7 @@ from dicomshare.errors import (
     TooManyRequests,
 )
 from dicomshare.keys import load_or_create_key
+from dicomshare.monitoring.events import emit
 from dicomshare.sharing.common import new_secret, secret_digest
 from dicomshare.sharing.notify import notify
 from dicomshare.storage import schema as s
@@ -526,6 +527,9 @@ class LinkStore:
                        f"Your share link \"{label}\" was used",
                        {"link": link.id, "label": link.label, "what": what,
                         "source": source, "at": clock.iso(now)})
+            if done:
+                emit(conn, "share-used", [link.organisation_pk],
+                     {"link_id": link.id, "what": what, "at": clock.iso(now)})
         return bool(done)
 
     def count_use_coalesced(self, link: Link, source: str | None, what: str) -> bool | None:

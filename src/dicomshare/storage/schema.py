@@ -504,3 +504,163 @@ upload_file = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+# -- remote monitoring (issue 7: monitoring/, migration 0009) ---------------------------------
+
+webhook = Table(
+    "webhook",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", String(200), nullable=False),  # comma-separated event names
+    # Kept in clear: HMAC signing needs the secret itself (docs/monitoring.md).
+    Column("secret", String(200), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_webhook_org", "organisation_pk"),
+)
+
+monitor_event = Table(
+    "monitor_event",
+    metadata,
+    # The outbox: what happened (instances stored, a consult's news, a share link used),
+    # fanned out to webhooks and watchers by the monitoring worker (monitoring/webhooks.py).
+    Column("pk", Integer, primary_key=True),
+    Column("kind", String(40), nullable=False),  # stored | consult-updated | share-used
+    Column("payload", Text, nullable=False),  # JSON
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("processed_at", DateTime(timezone=True)),
+    Index("ix_monitor_event_pending", "processed_at", "pk"),
+)
+
+webhook_delivery = Table(
+    "webhook_delivery",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("webhook_pk", Integer, ForeignKey("webhook.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("event_id", String(100), nullable=False),  # the payload's "id": receivers dedupe
+    Column("event", String(40), nullable=False),
+    Column("body", Text, nullable=False),  # the exact JSON sent (signed anew each attempt)
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),
+    UniqueConstraint("webhook_pk", "event_id"),
+    Index("ix_webhook_delivery_due", "state", "next_attempt_at"),
+)
+
+webhook_attempt = Table(
+    "webhook_attempt",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("delivery_pk", Integer, ForeignKey("webhook_delivery.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Index("ix_webhook_attempt", "delivery_pk", "number"),
+)
+
+watch = Table(
+    "watch",
+    metadata,
+    # A user follows a patient (PatientID + issuer, "" when none).
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", Integer, ForeignKey("user_account.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer_of_patient_id", String(64), nullable=False, server_default=""),
+    Column("label", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("user_pk", "patient_id", "issuer_of_patient_id"),
+    Index("ix_watch_patient", "patient_id"),
+)
+
+# -- patients across providers (patients/) ----------------------------------------------------
+# A patient record is a PatientID qualified by its issuer ("issuer:<IssuerOfPatientID>") or,
+# without one, by the organisation that stored it ("org:<pk>"). Records are derived from the
+# study rows (patients/identity.py syncs them); links and merges only join records into a
+# person for the view, they never change the study rows or the stored DICOM.
+
+patient_record = Table(
+    "patient_record",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("ref", String(32), nullable=False, unique=True),  # opaque id used in URLs
+    Column("patient_id", Text, nullable=False),
+    Column("qualifier", Text, nullable=False),
+    Column("issuer_of_patient_id", Text),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk")),
+    # The latest demographics seen in the record's studies (what the matching rule reads).
+    Column("patient_name", Text),
+    Column("patient_birth_date", Text),
+    Column("patient_sex", Text),
+    Column("other_ids", Text, nullable=False, server_default="[]"),  # JSON [[id, issuer]]
+    Column("last_study_pk", Integer, nullable=False),  # sync watermark
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "qualifier", name="uq_patient_record"),
+    Index("ix_patient_record_birth", "patient_birth_date"),
+    Index("ix_patient_record_sync", "last_study_pk"),
+)
+
+patient_link = Table(
+    "patient_link",
+    metadata,
+    # An edge between two records (record_a_pk < record_b_pk); persons are the connected
+    # components of the confirmed links and live merges. Rows are never deleted: a rejected
+    # or unlinked row is the history, and keeps the pair from being proposed again.
+    Column("pk", Integer, primary_key=True),
+    Column("record_a_pk", Integer, ForeignKey("patient_record.pk"), nullable=False),
+    Column("record_b_pk", Integer, ForeignKey("patient_record.pk"), nullable=False),
+    Column("state", String(16), nullable=False),  # proposed | confirmed | rejected | unlinked
+    Column("origin", String(16), nullable=False),  # rule | manual
+    Column("evidence", Text, nullable=False),  # JSON: the rule's evidence or the note
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("decided_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("unlinked_at", DateTime(timezone=True)),
+    Column("unlinked_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Index("ix_patient_link_a", "record_a_pk", "state"),
+    Index("ix_patient_link_b", "record_b_pk", "state"),
+    Index("ix_patient_link_state", "state"),
+)
+
+patient_match_key = Table(
+    "patient_match_key",
+    metadata,
+    # What the matching rule compares, as equality keys (patients/matching.py): one per PN
+    # component group ("<birth>|<sex>|<name key>") and per identifier ("id|<id>|<issuer>":
+    # the record's own, and those of its OtherPatientIDsSequence). Records sharing a key
+    # are candidates; the rule decides.
+    Column("record_pk", Integer, ForeignKey("patient_record.pk", ondelete="CASCADE"),
+           primary_key=True),
+    Column("key", String(400), primary_key=True),
+    Index("ix_patient_match_key", "key"),
+)
+
+patient_merge = Table(
+    "patient_merge",
+    metadata,
+    # HL7 ADT A40/A47: the old identifier's studies are shown under the new one; undone by
+    # setting undone_at (the view is derived, nothing else changes).
+    Column("pk", Integer, primary_key=True),
+    Column("old_record_pk", Integer, ForeignKey("patient_record.pk"), nullable=False),
+    Column("new_record_pk", Integer, ForeignKey("patient_record.pk"), nullable=False),
+    Column("reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Column("undone_at", DateTime(timezone=True)),
+    Column("undone_by_user_pk", Integer, ForeignKey("user_account.pk")),
+    Index("ix_patient_merge_old", "old_record_pk"),
+    Index("ix_patient_merge_new", "new_record_pk"),
+)

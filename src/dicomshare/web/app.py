@@ -60,12 +60,14 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from dicomshare.monitoring.worker import start_monitor
         from dicomshare.research.exports import ExportWorker
         from dicomshare.sharing.notify import start_mailer
 
         worker = ExportWorker(app.state.exports, identities, grants)
         worker.start()
         start_mailer(archive.index.engine, settings)  # e-mails queued notifications
+        start_monitor(archive.index.engine, settings)  # webhooks and watchlists
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
         worker.stop()
@@ -131,8 +133,12 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         auth,
         consults_api,
         dicomweb,
+        fhir_api,
+        iid,
         links_api,
+        monitoring_api,
         pages,
+        patients_api,
         research_api,
         share,
         upload,
@@ -145,9 +151,13 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(research_api.router, prefix="/api")
     app.include_router(links_api.router, prefix="/api")
     app.include_router(consults_api.router, prefix="/api")
+    app.include_router(monitoring_api.router, prefix="/api")
+    app.include_router(patients_api.router, prefix="/api")  # docs/patients.md
     app.include_router(upload.router)  # /api/upload-links and the public /upload/{secret}
     app.include_router(share.router)  # the public /share/{secret}
     app.include_router(pages.router)  # the signed-in pages under /app (before /static)
+    app.include_router(fhir_api.router, prefix="/fhir")  # FHIR R4 read (docs/fhir.md)
+    app.include_router(iid.router)  # /IHEInvokeImageDisplay and /app/patients/{id}
     # Each share link is a DICOMweb root too, restricted to what the link covers.
     app.include_router(dicomweb.router, prefix="/share/{secret}/dicomweb",
                        dependencies=[Depends(share.link_dicomweb)], include_in_schema=False)

@@ -1,0 +1,1 @@
+"""Remote monitoring: events (an outbox), webhooks per organisation, watchlists."""
