@@ -1,5 +1,6 @@
 """The signed-in browser pages: login, home (notifications), share links, upload links,
-inbox and consults (``/app/...``). See docs/web-ui.md.
+inbox and consults, a patient's timeline and the side-by-side comparison (``/app/...``).
+See docs/web-ui.md.
 
 Each page is a static HTML shell from ``static/app``; its script fetches everything else
 from the JSON API with the session cookie (and ``X-CSRF-Token`` on unsafe requests), so no
@@ -25,10 +26,12 @@ from dicomshare.web.share import VIEWER, covered_studies
 
 router = APIRouter(include_in_schema=False)
 STATIC = Path(__file__).parent / "static" / "app"
-# The page name in the URL -> its shell. The consult detail page reads its id from the URL.
+# The page name in the URL -> its shell. The consult detail, timeline (/app/timeline/{id})
+# and comparison pages read their ids from the URL.
 PAGES = {"": "home.html", "login": "login.html", "links": "links.html",
-         "uploads": "uploads.html", "inbox": "inbox.html", "consults": "consults.html"}
-SHELLS = frozenset({*PAGES.values(), "consult.html"})
+         "uploads": "uploads.html", "inbox": "inbox.html", "consults": "consults.html",
+         "timeline": "timeline.html"}
+SHELLS = frozenset({*PAGES.values(), "consult.html", "compare.html"})
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 HEADERS = {
@@ -38,11 +41,17 @@ HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
+# The viewer may be framed by this site's own pages (the comparison page shows two), and
+# the comparison page may frame this site's pages; nothing else changes.
+VIEWER_HEADERS = {**HEADERS, "X-Frame-Options": "SAMEORIGIN",
+                  "Content-Security-Policy": CSP.replace("frame-ancestors 'none'",
+                                                         "frame-ancestors 'self'")}
+COMPARE_HEADERS = {**HEADERS, "Content-Security-Policy": CSP + "; frame-src 'self'"}
 
 
 def _shell(name: str) -> Response:
     return FileResponse(STATIC / name, media_type="text/html; charset=utf-8",
-                        headers=HEADERS)
+                        headers=COMPARE_HEADERS if name == "compare.html" else HEADERS)
 
 
 @router.get("/")
@@ -74,6 +83,21 @@ def consult_page(consult_id: int) -> Response:
     return _shell("consult.html")
 
 
+@router.get("/app/timeline/{patient}")
+def timeline_page(patient: str) -> Response:
+    """A person's studies in time order; timeline.js asks /api/patients/{id}/timeline
+    (404 for a record the caller does not see)."""
+    return _shell("timeline.html")
+
+
+@router.get("/app/compare/{study}/{prior}")
+def compare_page(study: str, prior: str) -> Response:
+    """Two viewers side by side (same-origin frames of /app/view/...), scrolling in sync."""
+    check_uid(study, "StudyInstanceUID")
+    check_uid(prior, "StudyInstanceUID")
+    return _shell("compare.html")
+
+
 @router.get("/app/{page}")
 def page(page: str) -> Response:
     name = PAGES.get(page)
@@ -101,7 +125,8 @@ def static_shell(name: str) -> Response:
 @router.get("/app/view/{study}")
 def viewer(study: str) -> Response:
     check_uid(study, "StudyInstanceUID")
-    return FileResponse(VIEWER, media_type="text/html; charset=utf-8", headers=HEADERS)
+    return FileResponse(VIEWER, media_type="text/html; charset=utf-8",
+                        headers=VIEWER_HEADERS)
 
 
 @router.get("/app/view/{study}/info.json")

@@ -185,7 +185,7 @@ const DS = (() => {
 
   const NAV = [
     ["/app/", "Home"], ["/app/links", "Share links"], ["/app/uploads", "Upload links"],
-    ["/app/inbox", "Inbox"], ["/app/consults", "Consults"],
+    ["/app/inbox", "Inbox"], ["/app/consults", "Consults"], ["/app/timeline", "Patients"],
   ];
 
   // Every page but the login page starts here: who is logged in (401 -> login), and the

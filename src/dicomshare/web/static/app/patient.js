@@ -32,6 +32,22 @@ function showPatient(patient) {
   if (name.text) document.title = `${name.text} · dicomshare`;
 }
 
+// Links to the timeline (/app/timeline/<record>) of the patient records with this
+// PatientID that the caller sees (one per issuer or organisation).
+async function timelineLinks(pid) {
+  if (!pid) return;
+  const found = await api.get(`/api/patients?patient_id=${encodeURIComponent(pid)}`);
+  if (!found || !found.length) return;
+  const links = el("p", {testid: "timeline-links"}, "Whole imaging history: ");
+  found.forEach((rec, i) => {
+    const where = rec.issuer_of_patient_id || rec.organisation || "";
+    links.append(i ? ", " : "", el("a", {
+      href: `/app/timeline/${encodeURIComponent(rec.id)}`, testid: "timeline-link",
+      text: found.length > 1 && where ? `timeline (${where})` : "timeline"}));
+  });
+  document.querySelector("main section").append(links);
+}
+
 function row(study) {
   const modalities = (study.modality || []).map((m) => m.code).join(", ");
   const view = el("a", {href: `/app/view/${encodeURIComponent(study.id)}`,
@@ -46,7 +62,10 @@ function row(study) {
 async function main() {
   await DS.start();
   const id = patientId();
-  showPatient(await fhir(`/fhir/Patient/${encodeURIComponent(id)}`));
+  const patient = await fhir(`/fhir/Patient/${encodeURIComponent(id)}`);
+  showPatient(patient);
+  const ident = (patient.identifier && patient.identifier[0]) || {};
+  timelineLinks(ident.value).catch(() => {}); // a convenience: the page works without it
   const body = clear(document.getElementById("studies"));
   const more = document.getElementById("more");
   let next = `/fhir/ImagingStudy?patient=${encodeURIComponent(id)}&_count=50`;

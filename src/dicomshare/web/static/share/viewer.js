@@ -58,6 +58,7 @@
     cache: new Map(),
     generation: 0, // bumped when a series opens: late answers for the last one are dropped
     wheel: 0,
+    syncing: false, // moving on the framing page's word (see tellParent)
   };
 
   // -- helpers ----------------------------------------------------------------------------
@@ -296,6 +297,7 @@
     const image = current();
     el.prev.disabled = !n || state.index === 0;
     el.next.disabled = !n || state.index === n - 1;
+    tellParent();
     if (!image) return;
     const frame = image.frames > 1 ? `, frame ${image.frame} of ${image.frames}` : "";
     el.image.alt = `Image ${state.index + 1} of ${n}` +
@@ -530,6 +532,34 @@
     e.preventDefault();
     action();
   }
+
+  // -- side by side: the comparison page (same origin) frames two viewers ----------------
+  // A framed viewer tells its parent where it is, and goes where its parent says (an
+  // index, or a fraction of the stack); a move made on the parent's word is marked
+  // "synced" so that the parent does not echo it back.
+  const framed = window.parent !== window;
+  function tellParent() {
+    if (!framed) return;
+    window.parent.postMessage({ type: "dicomshare-viewer-position", index: state.index,
+                                count: state.images.length, synced: state.syncing },
+                              location.origin);
+  }
+
+  window.addEventListener("message", (e) => {
+    if (!framed || e.source !== window.parent || e.origin !== location.origin) return;
+    const d = e.data || {};
+    const n = state.images.length;
+    if (d.type !== "dicomshare-viewer-go" || !n) return;
+    const index = typeof d.fraction === "number"
+      ? Math.round(Math.min(Math.max(d.fraction, 0), 1) * (n - 1)) : Number(d.index);
+    if (!Number.isFinite(index)) return;
+    state.syncing = true;
+    try {
+      go(index);
+    } finally {
+      state.syncing = false;
+    }
+  });
 
   el.image.addEventListener("load", () => loaded(true));
   el.image.addEventListener("error", () => loaded(false));
