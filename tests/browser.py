@@ -40,10 +40,12 @@ if TYPE_CHECKING:  # playwright itself is imported only when a browser is wanted
     from playwright.sync_api import Browser, Page
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium for the session (each page gets a fresh context). Skips
-    when Chromium is missing, except in CI (``CI`` set), where that is a failure."""
+    """One headless Chromium per test module (each page gets a fresh context). Not per
+    session: Playwright's sync API keeps an event loop running in the main thread while
+    it is open, and later modules calling ``asyncio.run()`` would fail. Skips when
+    Chromium is missing, except in CI (``CI`` set), where that is a failure."""
     if not CHROMIUM.exists():
         reason = f"{CHROMIUM} is missing (apt install chromium) for browser tests"
         if os.environ.get("CI"):
@@ -78,7 +80,7 @@ def open_page(browser: Browser, **context_options: Any) -> Iterator[Page]:
 
 @pytest.fixture
 def new_page(browser: Browser) -> Callable[..., AbstractContextManager[Page]]:
-    """:func:`open_page` bound to the session's browser: ``with new_page() as page:``."""
+    """:func:`open_page` bound to the module's browser: ``with new_page() as page:``."""
     return lambda **context_options: open_page(browser, **context_options)
 
 
