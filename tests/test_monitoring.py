@@ -421,6 +421,48 @@ def test_watchlist_notifies_of_visible_new_studies_only(site: Site) -> None:
     assert len(_watch_notes(site, "clinic/clinician")) == 1
 
 
+def test_watchlist_follows_confirmed_patient_links(site: Site) -> None:
+    """The clinic follows its own "C-LINK"; the hospital knows the same person as
+    "H-LINK". Once a clinician confirms the two records are one person, a new hospital
+    study of "H-LINK" that the clinic may see reaches the follower."""
+    clinic, hospital = site.api("clinic/clinician"), site.api("hospital/clinician")
+    base = site.server.url
+    assert site.store("clinic/clinician", generate_uid(), PatientID="C-LINK",
+                      PatientName="Linked^Person").status_code == 200
+    assert site.store("hospital/clinician", generate_uid(), PatientID="H-LINK",
+                      PatientName="Linked^Person").status_code == 200
+    assert hospital.post(f"{base}/api/grants", json={
+        "patient_id": "H-LINK", "organisation": "clinic", "permissions": ["view"]}
+    ).status_code == 201
+    assert clinic.post(f"{base}/api/watchlist", json={"patient_id": "C-LINK"}
+                       ).status_code == 201
+    time.sleep(SETTLE)
+    # Not linked yet: a new study of H-LINK is visible to the clinic but not "its" patient.
+    before = generate_uid()
+    assert site.store("hospital/clinician", before, PatientID="H-LINK").status_code == 200
+    time.sleep(2)
+    assert before not in {n["details"]["study_instance_uid"]
+                          for n in _watch_notes(site, "clinic/clinician")}
+
+    refs = []
+    for pid in ("C-LINK", "H-LINK"):
+        [found] = clinic.get(f"{base}/api/patients", params={"patient_id": pid}).json()
+        refs.append(found["id"])
+    r = clinic.post(f"{base}/api/patients/links", json={"records": refs,
+                                                        "note": "same person"})
+    assert r.status_code == 201, r.text
+    after = generate_uid()
+    assert site.store("hospital/clinician", after, PatientID="H-LINK").status_code == 200
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and after not in {
+            n["details"]["study_instance_uid"] for n in _watch_notes(site, "clinic/clinician")}:
+        time.sleep(0.2)
+    assert after in {n["details"]["study_instance_uid"]
+                     for n in _watch_notes(site, "clinic/clinician")}
+    # The other organisation, which may not see H-LINK, follows nothing and hears nothing.
+    assert _watch_notes(site, "other/clinician") == []
+
+
 def test_watchlist_refuses_bad_input(site: Site) -> None:
     url = f"{site.server.url}/api/watchlist"
     api = site.api("clinic/clinician")

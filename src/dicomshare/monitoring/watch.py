@@ -2,8 +2,8 @@
 patient arrives from any organisation and the follower may see it, the follower is
 notified (kind ``watch-new-study``: the API and, with SMTP, e-mail).
 
-Matching is behind :func:`watched_by`, so that patient links across organisations (issue
-7, patients/) can widen it later without touching the worker. Following a patient reveals
+Matching is behind :func:`watched_by`, which follows confirmed patient links and merges
+across organisations (patients/identity.py). Following a patient reveals
 nothing by itself: the follower is only told of studies its own visibility opens.
 """
 
@@ -47,14 +47,21 @@ def _watch(row: Any) -> Watch:
 
 
 def watched_by(conn: Connection, patient_id: str, issuer: str) -> list[Watch]:
-    """The watches following this patient record (PatientID + issuer, "" for none).
+    """The watches following this patient (PatientID + issuer, "" for none) under any of
+    the identifiers confirmed links and merges join it to (patients/identity.py): a
+    follower of the hospital's "A-998" hears of the clinic's "12345" once they are linked.
     The one place that decides which records are "the same patient" for watchlists."""
+    from dicomshare.patients.identity import same_person_ids
+
     if not patient_id:
         return []
-    rows = conn.execute(select(wt).where(wt.c.patient_id == patient_id,
-                                         wt.c.issuer_of_patient_id == (issuer or ""))
-                        .order_by(wt.c.pk)).all()
-    return [_watch(r) for r in rows]
+    ids = same_person_ids(conn, patient_id, issuer or "")
+    found: dict[int, Any] = {}
+    for pid, iss in sorted(ids):
+        for row in conn.execute(select(wt).where(wt.c.patient_id == pid,
+                                                 wt.c.issuer_of_patient_id == iss)):
+            found[row.pk] = row
+    return [_watch(found[pk]) for pk in sorted(found)]
 
 
 def _clean(text: str, what: str) -> str:

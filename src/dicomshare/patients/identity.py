@@ -49,6 +49,43 @@ def qualifier_of(issuer: str | None, organisation_pk: int | None) -> str:
     return f"issuer:{issuer}" if issuer else f"org:{organisation_pk}"
 
 
+def person_of(conn: Connection, start: int) -> set[int]:
+    """The records joined to record ``start`` by confirmed links and live merges."""
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        edges: list[Any] = list(conn.execute(select(lk.c.record_a_pk, lk.c.record_b_pk).where(
+            lk.c.state == "confirmed",
+            or_(lk.c.record_a_pk.in_(frontier), lk.c.record_b_pk.in_(frontier)))))
+        edges += conn.execute(select(mg.c.old_record_pk, mg.c.new_record_pk).where(
+            mg.c.undone_at.is_(None),
+            or_(mg.c.old_record_pk.in_(frontier), mg.c.new_record_pk.in_(frontier)))).all()
+        frontier = [x for e in edges for x in e if x not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def same_person_ids(conn: Connection, patient_id: str, issuer: str) -> set[tuple[str, str]]:
+    """Every (PatientID, issuer or "") of the persons a PatientID + issuer belongs to:
+    itself, plus the identifiers of records joined to its records by confirmed links and
+    live merges. Without an issuer, every organisation's record of that PatientID counts."""
+    rec = s.patient_record
+    where = (rec.c.issuer_of_patient_id == issuer) if issuer else \
+        rec.c.issuer_of_patient_id.is_(None)
+    found = {(patient_id, issuer)}
+    starts = conn.execute(select(rec.c.pk).where(rec.c.patient_id == patient_id, where)
+                          ).scalars().all()
+    pks: set[int] = set()
+    for start in starts:
+        if start not in pks:
+            pks |= person_of(conn, start)
+    pks -= set(starts)
+    for chunk in (sorted(pks)[i:i + 500] for i in range(0, len(pks), 500)):
+        found |= {(row[0], row[1] or "") for row in conn.execute(
+            select(rec.c.patient_id, rec.c.issuer_of_patient_id).where(rec.c.pk.in_(chunk)))}
+    return found
+
+
 @dataclass(frozen=True)
 class Record:
     pk: int
@@ -281,19 +318,7 @@ class Patients:
 
     # -- persons -------------------------------------------------------------------------------
     def person(self, conn: Connection, start: int) -> set[int]:
-        """The records joined to ``start`` by confirmed links and live merges."""
-        seen = {start}
-        frontier = [start]
-        while frontier:
-            edges: list[Any] = list(conn.execute(select(lk.c.record_a_pk, lk.c.record_b_pk).where(
-                lk.c.state == "confirmed",
-                or_(lk.c.record_a_pk.in_(frontier), lk.c.record_b_pk.in_(frontier)))))
-            edges += conn.execute(select(mg.c.old_record_pk, mg.c.new_record_pk).where(
-                mg.c.undone_at.is_(None),
-                or_(mg.c.old_record_pk.in_(frontier), mg.c.new_record_pk.in_(frontier)))).all()
-            frontier = [x for e in edges for x in e if x not in seen]
-            seen.update(frontier)
-        return seen
+        return person_of(conn, start)
 
     def person_records(self, conn: Connection, rec: Record) -> list[Record]:
         return self._by_pks(conn, self.person(conn, rec.pk))
