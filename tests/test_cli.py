@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pydicom
 import pytest
+import requests
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -248,6 +249,25 @@ def test_users_create_stores_an_argon2_hash(tmp_path: Path) -> None:
     assert bad_role.returncode == 2
     with sqlite3.connect(data_dir / "index.db") as db:
         assert [r[0] for r in db.execute("SELECT name FROM user_account")] == ["alice"]
+
+
+def test_users_set_password_lets_a_token_only_user_log_in(fresh_server: Server) -> None:
+    """The first-start admin has only a token; `users set-password` opens browser login."""
+    srv = fresh_server
+    srv.cli("users", "create", "erin", "--org", "test", "--role", "admin", "--no-password")
+    login = f"{srv.url}/api/login"
+    assert requests.post(login, json={"username": "erin", "password": PASSWORD},
+                         timeout=30).status_code == 401
+    short = srv.cli("users", "set-password", "erin", "--password-stdin", stdin="short\n",
+                    check=False)
+    assert short.returncode != 0 and "8 to 1000 characters" in short.stderr
+    nobody = srv.cli("users", "set-password", "nobody", "--password-stdin",
+                     stdin=PASSWORD + "\n", check=False)
+    assert nobody.returncode != 0
+    srv.cli("users", "set-password", "erin", "--password-stdin", stdin=PASSWORD + "\n")
+    assert requests.post(login, json={"username": "erin", "password": PASSWORD},
+                         timeout=30).status_code == 200
+    assert "user.set-password" in srv.cli("audit", "list").stdout
 
 
 def test_tokens_create_list_revoke(fresh_server: Server) -> None:

@@ -144,8 +144,9 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     first = Identities(archive.index.engine).bootstrap()
     if first:
         print("\nFirst start: created user 'admin'. Its API token (shown only once):\n\n"
-              f"    {first}\n\nUse it as: Authorization: Bearer <token>\n", file=sys.stderr,
-              flush=True)
+              f"    {first}\n\nUse it as: Authorization: Bearer <token>\n"
+              "To log in with a browser, give it a password: "
+              "dicomshare users set-password admin\n", file=sys.stderr, flush=True)
     print(f"dicomshare {__version__}: DICOMweb at http://{settings.http_host}:"
           f"{settings.http_port}{settings.dicomweb_root} (data in {settings.data_dir})",
           file=sys.stderr, flush=True)

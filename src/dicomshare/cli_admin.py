@@ -47,6 +47,10 @@ def add_parsers(sub: Any) -> None:
     setrole = users.add_parser("set-role", help="change a user's role")
     setrole.add_argument("name")
     setrole.add_argument("role", choices=list(ROLES))
+    setpw = users.add_parser("set-password", help="set a user's password (browser login)")
+    setpw.add_argument("name")
+    setpw.add_argument("--password-stdin", action="store_true",
+                       help="read the password from standard input")
     setemail = users.add_parser("set-email", help="set (or with '' clear) a user's e-mail")
     setemail.add_argument("name")
     setemail.add_argument("email")
@@ -189,6 +193,22 @@ def _orgs(archive: Archive, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_password(from_stdin: bool) -> str | None:
+    """The password from standard input, or asked twice at the terminal; None (with the
+    reason printed) when it cannot be had."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        print("error: no terminal to ask for a password; use --password-stdin",
+              file=sys.stderr)
+        return None
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        print("error: passwords differ", file=sys.stderr)
+        return None
+    return password
+
+
 def _users(archive: Archive, args: argparse.Namespace) -> int:
     from dicomshare.access.identity import Identities
 
@@ -207,6 +227,14 @@ def _users(archive: Archive, args: argparse.Namespace) -> int:
         _audit(archive, "user.update", {"user": args.name, "email": args.email or None})
         print(f"set-email: {args.name}", file=sys.stderr)
         return 0
+    if args.action == "set-password":
+        new = _ask_password(args.password_stdin)
+        if new is None:
+            return 2 if not args.password_stdin and not sys.stdin.isatty() else 1
+        identities.update_user(args.name, password=new)
+        _audit(archive, "user.set-password", {"user": args.name})
+        print(f"set-password: {args.name}", file=sys.stderr)
+        return 0
     if args.action in ("disable", "enable", "set-role"):
         changed = identities.update_user(
             args.name, role=getattr(args, "role", None),
@@ -215,20 +243,11 @@ def _users(archive: Archive, args: argparse.Namespace) -> int:
         print(f"{args.action}: {changed.name} ({changed.role} of {changed.organisation})",
               file=sys.stderr)
         return 0
-    password: str | None
-    if args.no_password:
-        password = None
-    elif args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        password = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != password:
-            print("error: passwords differ", file=sys.stderr)
-            return 1
-    else:
-        print("error: no terminal to ask for a password; use --password-stdin",
-              file=sys.stderr)
-        return 2
+    password: str | None = None
+    if not args.no_password:
+        password = _ask_password(args.password_stdin)
+        if password is None:
+            return 2 if not args.password_stdin and not sys.stdin.isatty() else 1
     if args.email:
         from dicomshare.sharing.notify import clean_email
 
