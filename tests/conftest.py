@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -284,3 +285,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     url, schema = postgres_schema_url(POSTGRES_URL)
     yield url
     drop_postgres_schema(POSTGRES_URL, schema)
+
+
+def sign_in(page: Any, base_url: str, user: str, password: str, start: str = "/app/") -> None:
+    """Open ``start`` in a browser page, be sent to the login page, log in and come back
+    (a Playwright ``Page``; playwright is imported only by browser tests)."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.goto(base_url + start)
+    page.wait_for_url(re.compile(r"/app/login"))
+    page.get_by_test_id("username").fill(user)
+    page.get_by_test_id("password").fill(password)
+    page.get_by_test_id("login-button").click()
+    page.wait_for_url(re.compile(re.escape(start) + "$"))
+    expect(page.get_by_test_id("who")).to_contain_text(user)

@@ -21,7 +21,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import Server, make_file, make_server
+from conftest import Server, make_file, make_server, sign_in
 from test_auth import STOW_TYPE, stow_body
 
 if TYPE_CHECKING:
@@ -87,13 +87,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 
 def log_in(page: Page, site: Site, user: str, start: str = "/app/") -> None:
-    page.goto(site.url + start)
-    page.wait_for_url(re.compile(r"/app/login"))
-    page.get_by_test_id("username").fill(user)
-    page.get_by_test_id("password").fill(PASSWORD)
-    page.get_by_test_id("login-button").click()
-    page.wait_for_url(re.compile(re.escape(start) + "$"))
-    expect(page.get_by_test_id("who")).to_contain_text(user)
+    sign_in(page, site.url, user, PASSWORD, start)
 
 
 def no_page_error(page: Page) -> None:

@@ -19,7 +19,7 @@ import requests
 from playwright.sync_api import expect
 from pydicom.uid import generate_uid
 
-from conftest import Server, make_file, make_server
+from conftest import Server, make_file, make_server, sign_in
 from test_auth import STOW_TYPE, stow_body
 
 if TYPE_CHECKING:
@@ -113,13 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def log_in(page: Page, world: World, user: str, start: str) -> None:
-    page.goto(world.url + start)
-    page.wait_for_url(re.compile(r"/app/login"))
-    page.get_by_test_id("username").fill(user)
-    page.get_by_test_id("password").fill(PASSWORD)
-    page.get_by_test_id("login-button").click()
-    page.wait_for_url(re.compile(re.escape(start) + "$"))
-    expect(page.get_by_test_id("who")).to_contain_text(user)
+    sign_in(page, world.url, user, PASSWORD, start)
 
 
 def rows(page: Page) -> Any:

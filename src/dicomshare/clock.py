@@ -22,3 +22,14 @@ def aware(value: datetime | None) -> datetime | None:
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def ended(revoked_at: datetime | None, expires_at: datetime | None,
+          at: datetime | None = None) -> str | None:
+    """"revoked" or "expired" (revocation first), or None while it lasts: the one rule for
+    grants, share links and upload links."""
+    if revoked_at is not None:
+        return "revoked"
+    if expires_at is not None and expires_at <= (at or now()):
+        return "expired"
+    return None

@@ -54,11 +54,7 @@ class Grant:
 
     @property
     def state(self) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= clock.now():
-            return "expired"
-        return "active"
+        return clock.ended(self.revoked_at, self.expires_at) or "active"
 
     def as_json(self) -> dict[str, Any]:
         return {

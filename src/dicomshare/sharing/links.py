@@ -129,10 +129,9 @@ class Link:
     @property
     def state(self) -> str:
         """revoked | expired | locked | exhausted | active (the first that applies)."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= clock.now():
-            return "expired"
+        gone = clock.ended(self.revoked_at, self.expires_at)
+        if gone:
+            return gone
         if self.locked_at is not None:
             return "locked"
         if self.max_uses is not None and self.uses >= self.max_uses:

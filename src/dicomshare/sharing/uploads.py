@@ -115,11 +115,9 @@ class UploadLink:
     notified_at: datetime | None
 
     def state(self, now: datetime | None = None) -> str:
-        now = now or clock.now()
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at <= now:
-            return "expired"
+        gone = clock.ended(self.revoked_at, self.expires_at, now)
+        if gone:
+            return gone
         if self.bytes_accepted >= self.max_bytes:
             return "full"
         return "active"
