@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from conftest import Server, make_file, make_server
@@ -100,6 +101,48 @@ def test_same_patient_id_from_two_organisations_is_two_records(world: World) -> 
     # Each organisation sees its own record only.
     mine = world.api("cnurse").get(world.url("/patients"), params={"patient_id": "SAME-1"})
     assert [x["organisation"] for x in mine.json()] == ["clinic"]
+
+
+def _qualified(universal: str) -> list[Dataset]:
+    item = Dataset()
+    item.UniversalEntityID = universal
+    item.UniversalEntityIDType = "ISO"
+    return [item]
+
+
+def test_issuer_qualifiers_sequence_identifies_the_issuer(world: World) -> None:
+    """The same national identifier (issuer known only by its UniversalEntityID) from two
+    organisations is one record; one IssuerOfPatientID with two different universal IDs
+    is two records, and neither is the namespace-only record."""
+    national = "2.16.840.1.113883.19.5"
+    h = world.store("hdoc", "uh", PatientID="U-77", PatientName="GAMMA^G",
+                    IssuerOfPatientIDQualifiersSequence=_qualified(national))
+    c = world.store("cdoc", "uc", PatientID="U-77", PatientName="GAMMA^G",
+                    IssuerOfPatientIDQualifiersSequence=_qualified(national))
+    found = world.api("root").get(world.url("/patients"), params={"patient_id": "U-77"}).json()
+    assert len(found) == 1, found
+    assert found[0]["qualifier"] == "issuer"
+    assert found[0]["issuer_universal_id"] == f"{national}&ISO"
+    assert found[0]["organisation"] is None
+    # Each organisation reaches the record, but sees only the studies it may see.
+    for who, mine in (("hdoc", h), ("cnurse", c)):
+        ref = world.record(who, "U-77")
+        assert ref == found[0]["id"]
+        assert [e["study_uid"] for e in world.timeline(who, ref)["studies"]] == [mine]
+    assert sorted(e["study_uid"] for e in world.timeline("root", found[0]["id"])["studies"]) \
+        == sorted([h, c])
+
+    world.store("hdoc", "r1", PatientID="U-78", IssuerOfPatientID="REGION",
+                IssuerOfPatientIDQualifiersSequence=_qualified("1.2.3.4"))
+    world.store("hdoc", "r2", PatientID="U-78", IssuerOfPatientID="REGION",
+                IssuerOfPatientIDQualifiersSequence=_qualified("1.2.3.5"))
+    world.store("hdoc", "r3", PatientID="U-78", IssuerOfPatientID="REGION")
+    found = world.api("root").get(world.url("/patients"), params={"patient_id": "U-78"}).json()
+    assert sorted(x["issuer_universal_id"] or "" for x in found) == \
+        ["", "1.2.3.4&ISO", "1.2.3.5&ISO"]
+    assert {x["issuer_of_patient_id"] for x in found} == {"REGION"}
+    for rec in found:
+        assert len(world.timeline("root", rec["id"])["studies"]) == 1
 
 
 def test_proposal_confirm_timeline_and_unlink(world: World) -> None:
@@ -357,3 +400,51 @@ def test_priors_on_a_remote_instance(world: World, peer: Server, tmp_path: Path)
         time.sleep(0.2)
     local = {p["study_uid"]: p["source"] for p in r.json()["priors"]}
     assert local.get(uid) == "local"
+
+
+@pytest.mark.postgres
+def test_sync_finds_a_study_committed_after_a_later_one(tmp_path: Path) -> None:
+    """On PostgreSQL a transaction holding a lower study pk can commit after a higher pk
+    was synced; the incremental sync must still make its record."""
+    from sqlalchemy import insert, select
+
+    from conftest import POSTGRES_URL, drop_postgres_schema, postgres_schema_url
+    from dicomshare import clock
+    from dicomshare.access.grants import Grants
+    from dicomshare.access.service import Access
+    from dicomshare.archive import Archive
+    from dicomshare.config import load_settings
+    from dicomshare.patients.identity import Patients
+    from dicomshare.storage import schema as s
+
+    if not POSTGRES_URL:
+        pytest.skip("DICOMSHARE_TEST_POSTGRES_URL is not set")
+    url, schema = postgres_schema_url(POSTGRES_URL)
+    arc = Archive.open(load_settings({"data_dir": tmp_path / "data", "database_url": url}))
+    try:
+        engine = arc.index.engine
+        patients = Patients(engine, Access(arc, Grants(engine), None))
+
+        def study(pid: str) -> dict[str, Any]:
+            now = clock.now()
+            return {"study_instance_uid": generate_uid(), "patient_id": pid,
+                    "issuer_of_patient_id": "GAPS", "attributes": "{}",
+                    "created_at": now, "updated_at": now}
+
+        def records() -> set[str]:
+            with engine.connect() as conn:
+                return set(conn.execute(select(s.patient_record.c.patient_id)).scalars())
+
+        with engine.connect() as slow:
+            tx = slow.begin()
+            slow.execute(insert(s.study).values(study("LATE")))  # the lower pk, uncommitted
+            with engine.begin() as fast:
+                fast.execute(insert(s.study).values(study("EARLY")))
+            patients.sync()
+            assert records() == {"EARLY"}
+            tx.commit()
+        patients.sync()
+        assert records() == {"EARLY", "LATE"}
+    finally:
+        arc.close()
+        drop_postgres_schema(POSTGRES_URL, schema)

@@ -57,6 +57,24 @@ class Header:
     def metadata_text(self) -> str:
         return json.dumps(self.metadata, separators=(",", ":"), ensure_ascii=False)
 
+    @property
+    def issuer_universal_id(self) -> str | None:
+        return issuer_universal_id(self.study_json)
+
+
+def issuer_universal_id(ds: dict[str, Any]) -> str | None:
+    """``UniversalEntityID&UniversalEntityIDType`` of IssuerOfPatientIDQualifiersSequence
+    in DICOM JSON (HL7's HD form without the namespace), or None: the identity of an
+    issuer that two sites may spell differently in IssuerOfPatientID."""
+    try:
+        item = ((ds.get("00100024") or {}).get("Value") or [{}])[0]
+        uid = ((item.get("00400032") or {}).get("Value") or [""])[0]
+        kind = ((item.get("00400033") or {}).get("Value") or [""])[0]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    uid = str(uid or "").strip()[:64]
+    return f"{uid}&{str(kind or '').strip()[:16]}" if uid else None
+
 
 def read_header(path: Path, bulkdata_threshold: int = 1024) -> Header:
     """Parse and validate; raise InvalidDicom / MissingAttribute / InvalidUID with a reason."""

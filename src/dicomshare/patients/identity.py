@@ -1,7 +1,9 @@
 """Patient records, the links that join them into persons, and merges (ADT A40/A47).
 
-- A **record** is a PatientID qualified by its issuer (``issuer:<IssuerOfPatientID>``) or,
-  when the study has none, by each organisation that stored it (``org:<pk>``): the same
+- A **record** is a PatientID qualified by its issuer (``issuer:<IssuerOfPatientID>``, or
+  ``issuer:<IssuerOfPatientID>&<UniversalEntityID>&<type>`` when the study carries
+  IssuerOfPatientIDQualifiersSequence) or, when the study has neither, by each
+  organisation that stored it (``org:<pk>``): the same
   PatientID from two organisations is two records until linked. Records are derived from
   the study rows by :meth:`Patients.sync` (incremental: the studies after the highest
   ``last_study_pk`` seen), and get an opaque, stable ``ref`` for URLs.
@@ -22,6 +24,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, select, update
@@ -40,13 +43,30 @@ r = s.patient_record
 lk = s.patient_link
 mg = s.patient_merge
 mk = s.patient_match_key
+gap = s.patient_sync_gap
 LINK_STATES = ("proposed", "confirmed", "rejected", "unlinked")
 _SYNC_BATCH = 5000
+_GAP_MAX = 1000
+_GAP_TTL = timedelta(minutes=10)
 _SYNC_LOCK = threading.Lock()
 
 
-def qualifier_of(issuer: str | None, organisation_pk: int | None) -> str:
+def qualifier_of(issuer: str | None, organisation_pk: int | None,
+                 universal: str | None = None) -> str:
+    """The qualifier of a record: the issuer in HL7's HD form (namespace, then the
+    universal ID and its type when known), else the storing organisation."""
+    if universal:
+        return f"issuer:{issuer or ''}&{universal}"
     return f"issuer:{issuer}" if issuer else f"org:{organisation_pk}"
+
+
+def study_qualifiers(issuer: str | None, universal: str | None,
+                     owners: Iterable[int]) -> list[str]:
+    """The qualifiers of the records a study row belongs to (one per owner without issuer)."""
+    issuer = (issuer or "").strip() or None
+    if issuer or universal:
+        return [qualifier_of(issuer, None, universal)]
+    return [qualifier_of(None, o) for o in sorted(set(owners))]
 
 
 def person_of(conn: Connection, start: int) -> set[int]:
@@ -99,6 +119,7 @@ class Record:
     birth_date: str | None
     sex: str | None
     other_ids: tuple[tuple[str, str], ...]
+    universal_id: str | None = None  # UniversalEntityID&type of the issuer, when known
 
     @property
     def demographics(self) -> matching.Demographics:
@@ -107,19 +128,26 @@ class Record:
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.ref, "patient_id": self.patient_id,
-                "issuer_of_patient_id": self.issuer, "organisation": self.organisation,
-                "qualifier": "issuer" if self.issuer else "organisation",
+                "issuer_of_patient_id": self.issuer,
+                "issuer_universal_id": self.universal_id, "organisation": self.organisation,
+                "qualifier": "issuer" if self.issuer or self.universal_id else "organisation",
                 "patient_name": self.name, "birth_date": self.birth_date, "sex": self.sex}
 
 
 def record_studies(rec: Record, study: Any = s.study) -> ColumnElement[bool]:
     """The study rows of a record (``study`` in scope)."""
+    if rec.universal_id:
+        return and_(study.c.patient_id == rec.patient_id,
+                    study.c.issuer_universal_id == rec.universal_id,
+                    func.coalesce(study.c.issuer_of_patient_id, "") == (rec.issuer or ""))
     if rec.issuer:
         return and_(study.c.patient_id == rec.patient_id,
-                    study.c.issuer_of_patient_id == rec.issuer)
+                    study.c.issuer_of_patient_id == rec.issuer,
+                    study.c.issuer_universal_id.is_(None))
     so = s.study_owner.alias("rec_so")
     return and_(study.c.patient_id == rec.patient_id,
                 func.coalesce(study.c.issuer_of_patient_id, "") == "",
+                study.c.issuer_universal_id.is_(None),
                 exists().where(so.c.study_pk == study.c.pk,
                                so.c.organisation_pk == rec.organisation_pk))
 
@@ -131,7 +159,7 @@ def _record(row: Any) -> Record:
         others = ()
     return Record(row.pk, row.ref, row.patient_id, row.qualifier, row.issuer_of_patient_id,
                   row.organisation_pk, row.org_name, row.patient_name,
-                  row.patient_birth_date, row.patient_sex, others)
+                  row.patient_birth_date, row.patient_sex, others, row.issuer_universal_id)
 
 
 _RECORDS = select(r, s.organisation.c.name.label("org_name")).select_from(
@@ -156,22 +184,17 @@ class Patients:
     def _sync(self, full: bool) -> int:
         touched: set[int] = set()
         with self.engine.begin() as conn:
+            if not full:
+                touched |= self._recheck_gaps(conn)
             mark = 0 if full else int(conn.execute(
                 select(func.coalesce(func.max(r.c.last_study_pk), 0))).scalar_one())
             while True:
-                rows = conn.execute(
-                    select(s.study.c.pk, s.study.c.patient_id, s.study.c.issuer_of_patient_id,
-                           s.study.c.patient_name, s.study.c.patient_birth_date,
-                           s.study.c.patient_sex, s.study.c.attributes,
-                           s.study_owner.c.organisation_pk)
-                    .select_from(s.study.outerjoin(
-                        s.study_owner, s.study_owner.c.study_pk == s.study.c.pk))
-                    .where(s.study.c.pk > mark, s.study.c.patient_id.is_not(None),
-                           s.study.c.patient_id != "")
-                    .order_by(s.study.c.pk).limit(_SYNC_BATCH)).all()
+                rows = self._study_rows(conn, s.study.c.pk > mark, limit=_SYNC_BATCH)
                 if not rows:
                     break
-                touched |= self._upsert(conn, rows)
+                touched |= self._upsert(conn, [x for x in rows if x.patient_id])
+                if not full:
+                    self._note_gaps(conn, mark, {x.pk for x in rows})
                 mark = rows[-1].pk
                 if len(rows) < _SYNC_BATCH:
                     break
@@ -179,16 +202,59 @@ class Patients:
                 self._propose(conn, touched)
         return len(touched)
 
+    def _study_rows(self, conn: Connection, where: ColumnElement[bool],
+                    limit: int | None = None) -> list[Any]:
+        return list(conn.execute(
+            select(s.study.c.pk, s.study.c.patient_id, s.study.c.issuer_of_patient_id,
+                   s.study.c.issuer_universal_id, s.study.c.patient_name,
+                   s.study.c.patient_birth_date, s.study.c.patient_sex,
+                   s.study.c.attributes, s.study_owner.c.organisation_pk)
+            .select_from(s.study.outerjoin(
+                s.study_owner, s.study_owner.c.study_pk == s.study.c.pk))
+            .where(where).order_by(s.study.c.pk).limit(limit)))
+
+    def _note_gaps(self, conn: Connection, mark: int, pks: set[int]) -> None:
+        """Remember the pks a batch stepped over (the newest first, at most _GAP_MAX): a
+        transaction still open may commit a study there after this sync."""
+        missing: list[int] = []
+        for pk in range(max(pks) - 1, mark, -1):
+            if pk not in pks:
+                missing.append(pk)
+                if len(missing) >= _GAP_MAX:
+                    break
+        if missing:
+            conn.execute(delete(gap).where(gap.c.study_pk.in_(missing)))
+            now = clock.now()
+            conn.execute(insert(gap), [{"study_pk": pk, "seen_at": now} for pk in missing])
+
+    def _recheck_gaps(self, conn: Connection) -> set[int]:
+        """Sync the studies that have appeared in earlier gaps; forget expired gaps (a
+        rolled-back insert or a deleted study never fills its pk)."""
+        known = conn.execute(select(gap.c.study_pk, gap.c.seen_at)).all()  # reads first:
+        if not known:  # no write lock on the common path
+            return set()
+        expiry = clock.now() - _GAP_TTL
+        if any(clock.aware(seen) < expiry for _, seen in known):
+            conn.execute(delete(gap).where(gap.c.seen_at < expiry))
+        pks = sorted(pk for pk, _ in known)
+        rows = [x for i in range(0, len(pks), 500)
+                for x in self._study_rows(conn, s.study.c.pk.in_(pks[i:i + 500]))]
+        if not rows:
+            return set()
+        conn.execute(delete(gap).where(gap.c.study_pk.in_(sorted({x.pk for x in rows}))))
+        return self._upsert(conn, [x for x in rows if x.patient_id])
+
     def _upsert(self, conn: Connection, rows: Sequence[Any]) -> set[int]:
         """Records for a batch of study rows (the newest study's demographics win), with
         their match keys; returns the records made or changed."""
         latest: dict[tuple[str, str], tuple[Any, str | None, int | None]] = {}
         for row in rows:
             issuer = (row.issuer_of_patient_id or "").strip() or None
-            org = None if issuer else row.organisation_pk
-            if not issuer and org is None:
+            universal = row.issuer_universal_id
+            org = None if issuer or universal else row.organisation_pk
+            if not issuer and not universal and org is None:
                 continue  # neither issuer nor owner: an archive from before ownership
-            latest[(row.patient_id, qualifier_of(issuer, org))] = (row, issuer, org)
+            latest[(row.patient_id, qualifier_of(issuer, org, universal))] = (row, issuer, org)
         if not latest:
             return set()
         existing: dict[tuple[str, str], tuple[int, int]] = {}
@@ -211,6 +277,7 @@ class Patients:
             if found is None:
                 new_rows.append({"ref": secrets.token_urlsafe(12), "patient_id": pid,
                                  "qualifier": qual, "issuer_of_patient_id": issuer,
+                                 "issuer_universal_id": row.issuer_universal_id,
                                  "organisation_pk": org, "created_at": now, **values})
             elif found[1] < row.pk:
                 changed[found[0]] = values

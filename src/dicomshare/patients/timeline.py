@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.engine import Connection
 
 from dicomshare.access.policy import Principal, Visibility
@@ -24,7 +24,7 @@ from dicomshare.config import Settings
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import RemoteAE
 from dicomshare.errors import InvalidInput, NotFound, RemoteError
-from dicomshare.patients.identity import Patients, Record, record_studies
+from dicomshare.patients.identity import Patients, Record, record_studies, study_qualifiers
 from dicomshare.storage import schema as s
 from dicomshare.storage.visibility import series_visible, study_visible_by_row
 
@@ -67,7 +67,8 @@ def studies(conn: Connection, patients: Patients, who: Principal, vis: Visibilit
     rows = conn.execute(select(
         st.c.pk, st.c.study_instance_uid, st.c.study_date, st.c.study_time,
         st.c.study_description, st.c.accession_number, st.c.patient_id,
-        st.c.issuer_of_patient_id, st.c.patient_name).where(*conds)).all()
+        st.c.issuer_of_patient_id, st.c.issuer_universal_id, st.c.patient_name
+    ).where(*conds)).all()
     if not rows:
         return []
     pks = [row.pk for row in rows]
@@ -120,12 +121,9 @@ def studies(conn: Connection, patients: Patients, who: Principal, vis: Visibilit
 
 
 def _record_of(records: list[Record], row: Any, owners: set[int]) -> Record | None:
+    quals = study_qualifiers(row.issuer_of_patient_id, row.issuer_universal_id, owners)
     for rec in records:
-        if rec.patient_id != row.patient_id:
-            continue
-        if rec.issuer and rec.issuer == row.issuer_of_patient_id:
-            return rec
-        if not rec.issuer and not row.issuer_of_patient_id and rec.organisation_pk in owners:
+        if rec.patient_id == row.patient_id and rec.qualifier in quals:
             return rec
     return None
 
@@ -172,15 +170,11 @@ def current_study(patients: Patients, conn: Connection, vis: Visibility,
                                         study_visible_by_row(vis))).first()
     if row is None:
         raise NotFound(f"study {uid} not found")
-    if row.issuer_of_patient_id:
-        cond = and_(s.patient_record.c.patient_id == row.patient_id,
-                    s.patient_record.c.qualifier == f"issuer:{row.issuer_of_patient_id}")
-    else:
-        owners = [o for (o,) in conn.execute(select(s.study_owner.c.organisation_pk).where(
-            s.study_owner.c.study_pk == row.pk))]
-        cond = and_(s.patient_record.c.patient_id == row.patient_id,
-                    s.patient_record.c.qualifier.in_([f"org:{o}" for o in owners]))
-    return row, patients._where(conn, cond)
+    owners = [o for (o,) in conn.execute(select(s.study_owner.c.organisation_pk).where(
+        s.study_owner.c.study_pk == row.pk))]
+    quals = study_qualifiers(row.issuer_of_patient_id, row.issuer_universal_id, owners)
+    return row, patients._where(conn, s.patient_record.c.patient_id == row.patient_id,
+                                s.patient_record.c.qualifier.in_(quals))
 
 
 def priors(patients: Patients, who: Principal, uid: str, settings: Settings,

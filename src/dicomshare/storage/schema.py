@@ -36,6 +36,9 @@ study = Table(
     Column("patient_name_lc", Text),
     Column("patient_id", Text),
     Column("issuer_of_patient_id", Text),
+    # IssuerOfPatientIDQualifiersSequence's UniversalEntityID "&" UniversalEntityIDType:
+    # the issuer's globally unique identity, when the study carries one.
+    Column("issuer_universal_id", Text),
     Column("patient_birth_date", Text),
     Column("patient_sex", Text),
     Column("study_date", Text),
@@ -584,6 +587,20 @@ watch = Table(
     Index("ix_watch_patient", "patient_id"),
 )
 
+cohort_watch = Table(
+    "cohort_watch",
+    metadata,
+    # A user follows a cohort query (JSON filters, monitoring/watch.py): every new study
+    # matching it that the user may see is notified.
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", Integer, ForeignKey("user_account.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("label", String(200)),
+    Column("query", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_cohort_watch_user", "user_pk"),
+)
+
 # -- patients across providers (patients/) ----------------------------------------------------
 # A patient record is a PatientID qualified by its issuer ("issuer:<IssuerOfPatientID>") or,
 # without one, by the organisation that stored it ("org:<pk>"). Records are derived from the
@@ -598,6 +615,7 @@ patient_record = Table(
     Column("patient_id", Text, nullable=False),
     Column("qualifier", Text, nullable=False),
     Column("issuer_of_patient_id", Text),
+    Column("issuer_universal_id", Text),  # as on the study rows
     Column("organisation_pk", Integer, ForeignKey("organisation.pk")),
     # The latest demographics seen in the record's studies (what the matching rule reads).
     Column("patient_name", Text),
@@ -610,6 +628,15 @@ patient_record = Table(
     UniqueConstraint("patient_id", "qualifier", name="uq_patient_record"),
     Index("ix_patient_record_birth", "patient_birth_date"),
     Index("ix_patient_record_sync", "last_study_pk"),
+)
+
+patient_sync_gap = Table(
+    "patient_sync_gap",
+    metadata,
+    # Study pks the incremental sync stepped over (patients/identity.py): on PostgreSQL a
+    # transaction can commit a lower pk after a higher one was synced; re-read until expiry.
+    Column("study_pk", Integer, primary_key=True, autoincrement=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
 )
 
 patient_link = Table(

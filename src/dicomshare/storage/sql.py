@@ -170,6 +170,7 @@ class SqlIndex:
             conn, self._study_pk, self._insert_study, h.study_uid,
             {**{_col(k): v.get(k) for k in _STUDY_VALUES}, "created_at": now,
              "study_instance_uid": h.study_uid,
+             "issuer_universal_id": h.issuer_universal_id,
              "updated_at": now, "attributes": _dumps(h.study_json),
              "patient_name": v.get("PatientName"),
              "referring_physician_name": v.get("ReferringPhysicianName"),
