@@ -289,3 +289,50 @@ def test_find_a_patient_then_open_the_timeline(page: Page, world: World) -> None
     found.get_by_role("link").click()
     page.wait_for_url(re.compile(r"/app/timeline/[A-Za-z0-9_-]+$"))
     expect(rows(page)).to_have_count(2)
+
+
+@pytest.fixture(scope="module")
+def peer(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Another archive, registered for the clinic, that knows us (C-FIND and C-GET)."""
+    other = make_server(tmp_path_factory.mktemp("peer"), ae_title="PEER")
+    try:
+        r = world.api("root").put(f"{world.url}/api/remote-aes/PEER", json={
+            "host": "127.0.0.1", "port": other.dicom_port, "organisation": "clinic"},
+            timeout=30)
+        assert r.status_code == 200, r.text
+        other.cli("ae", "add", "DICOMSHARE", "--host", "127.0.0.1", "--port", "11112")
+        yield other
+    finally:
+        other.stop()
+
+
+def test_a_prior_on_another_archive_is_fetched_then_compared(
+        page: Page, world: World, peer: Server, tmp_path: Any) -> None:
+    """Last in this module: the fetched study joins the clinic's record."""
+    uid = generate_uid()
+    path = make_file(tmp_path, study=uid, PatientID="C-998", PatientName="Mueller^Jorg",
+                     PatientBirthDate=BIRTH, PatientSex="M", BodyPartExamined="CHEST",
+                     StudyDate="20100101", StudyDescription="CT chest elsewhere")
+    r = peer.session().post(f"{peer.dicomweb}/studies", data=stow_body(path.read_bytes()),
+                            headers={"Content-Type": STOW_TYPE}, timeout=60)
+    assert r.status_code == 200, r.text
+    ref = world.record("cdoc", "C-998")
+    log_in(page, world, "cdoc", f"/app/timeline/{ref}")
+    assert uid not in shown_uids(page)
+    row = page.locator(f"[data-testid=timeline-study][data-study-uid='{world.studies['c1']}']")
+    row.get_by_test_id("compare-study").click()
+    page.get_by_test_id("search-remote").click()
+    remote = page.get_by_test_id("remote-prior")
+    expect(remote).to_have_count(1)
+    assert remote.get_attribute("data-study-uid") == uid
+    expect(remote).to_contain_text("CT chest elsewhere")
+    expect(remote).to_contain_text("PEER")
+    remote.get_by_test_id("fetch-prior").click()
+    expect(page.get_by_test_id("fetched")).to_contain_text("1 new image")
+    remote.get_by_test_id("prior-link").click()
+    page.wait_for_url(re.compile(
+        f"/app/compare/{re.escape(world.studies['c1'])}/{re.escape(uid)}"))
+    expect(page.get_by_test_id("right-title")).to_contain_text("CT chest elsewhere")
+    right = page.frame_locator("[data-testid=right-frame]")
+    right.get_by_test_id("series-thumbnail").first.click()
+    expect(right.get_by_test_id("position")).to_have_text("1 / 1")

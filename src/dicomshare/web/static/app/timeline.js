@@ -81,17 +81,87 @@ async function showPriors(study, row, button) {
   if (!local.length) {
     cell.append(el("span", {className: "muted", testid: "no-priors",
                             text: "No earlier comparable study (same modality or body part)."}));
+  } else {
+    const list = el("ul", {});
+    for (const p of local) list.append(el("li", {}, compareLink(study, p)));
+    cell.append(el("strong", {text: "Compare with a prior:"}), list);
+  }
+  const more = el("button", {type: "button", className: "small secondary",
+                             text: "Search other archives", testid: "search-remote"});
+  const remoteBox = el("div", {testid: "remote-priors"});
+  more.addEventListener("click", () => showRemotePriors(study, remoteBox, more));
+  cell.append(el("div", {}, more), remoteBox);
+}
+
+function compareLink(study, p) {
+  const href = `/app/compare/${encodeURIComponent(study.study_uid)}/` +
+    `${encodeURIComponent(p.study_uid)}?patient=${encodeURIComponent(page.ref)}`;
+  return el("a", {href, testid: "prior-link", dataset: {studyUid: p.study_uid},
+                  text: `Compare with ${priorLabel(p)}`});
+}
+
+// Priors held by the archives registered for the caller's organisation (C-FIND on the
+// person's PatientIDs); each can be fetched here (C-GET), then compared like a local one.
+async function showRemotePriors(study, box, button) {
+  button.disabled = true;
+  clear(box).append(el("span", {className: "muted", text: "Asking the other archives…"}));
+  let found;
+  try {
+    found = await api.get(`/api/studies/${encodeURIComponent(study.study_uid)}/priors` +
+                          "?remote=*");
+  } catch (err) {
+    clear(box).append(el("div", {className: "message error", role: "alert",
+                                 text: DS.reason(err)}));
+    button.disabled = false;
+    return;
+  }
+  clear(box);
+  for (const e of found.remote_errors || []) {
+    box.append(el("div", {className: "message error", role: "alert", testid: "remote-error",
+                          text: `${e.remote}: ${e.error}`}));
+  }
+  const remote = (found.priors || []).filter((p) => p.source === "remote");
+  if (!remote.length) {
+    box.append(el("span", {className: "muted", testid: "no-remote-priors",
+                           text: "No other archive holds an earlier comparable study."}));
     return;
   }
   const list = el("ul", {});
-  for (const p of local) {
-    const href = `/app/compare/${encodeURIComponent(study.study_uid)}/` +
-      `${encodeURIComponent(p.study_uid)}?patient=${encodeURIComponent(page.ref)}`;
-    list.append(el("li", {}, el("a", {href, testid: "prior-link",
-                                      dataset: {studyUid: p.study_uid},
-                                      text: `Compare with ${priorLabel(p)}`})));
+  for (const p of remote) {
+    const fetchButton = el("button", {type: "button", className: "small",
+                                      text: `Fetch from ${p.remote}`, testid: "fetch-prior"});
+    const item = el("li", {testid: "remote-prior", dataset: {studyUid: p.study_uid}},
+                    `${priorLabel(p)} (at ${p.remote}) `, fetchButton);
+    fetchButton.addEventListener("click", () => fetchPrior(study, p, item, fetchButton));
+    list.append(item);
   }
-  cell.append(el("strong", {text: "Compare with a prior:"}), list);
+  box.append(el("strong", {text: "On other archives:"}), list);
+}
+
+async function fetchPrior(study, p, item, button) {
+  button.disabled = true;
+  button.textContent = "Fetching…";
+  let done;
+  try {
+    done = await api.post(
+      `/api/studies/${encodeURIComponent(study.study_uid)}/priors/fetch`,
+      {remote: p.remote, study_uid: p.study_uid, method: "get"});
+  } catch (err) {
+    item.append(el("div", {className: "message error", role: "alert", text: DS.reason(err)}));
+    button.disabled = false;
+    button.textContent = `Fetch from ${p.remote}`;
+    return;
+  }
+  if (!(done.stored + done.already_present)) {
+    item.append(el("div", {className: "message error", role: "alert", testid: "fetch-error",
+                           text: done.comment || `nothing arrived (${done.outcome})`}));
+    button.disabled = false;
+    button.textContent = `Fetch from ${p.remote}`;
+    return;
+  }
+  clear(item).append(compareLink(study, p),
+                     el("span", {className: "muted", testid: "fetched",
+                                 text: ` fetched: ${done.stored} new image(s)`}));
 }
 
 function studyRow(study) {
