@@ -146,3 +146,60 @@ def test_kill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> None:
     finally:
         ingest.stop.set()
         server.stop()
+
+
+CRASHING_DELETE = """
+import os, pathlib, sys
+from dicomshare.archive import Archive
+from dicomshare.config import load_settings
+
+archive = Archive.open(load_settings({"data_dir": pathlib.Path(sys.argv[1])}))
+unlink = pathlib.Path.unlink
+
+
+def power_cut(self, *args, **kwargs):  # the first blob removal never happens
+    if self.parent.parent.name == "blobs":
+        os._exit(137)
+    return unlink(self, *args, **kwargs)
+
+
+pathlib.Path.unlink = power_cut
+archive.delete(sys.argv[2])
+"""
+
+
+def test_repair_finishes_an_interrupted_delete(tmp_path: Path) -> None:
+    """The process dies after the delete's index commit, before its blobs are gone:
+    ``check --repair`` removes the blobs instead of bringing the deleted study back."""
+    import subprocess
+    import sys
+
+    from conftest import make_file
+    from dicomshare.archive import Archive
+    from dicomshare.config import load_settings
+
+    data = tmp_path / "data"
+    settings = load_settings({"data_dir": data})
+    doomed, kept = generate_uid(), generate_uid()
+    archive = Archive.open(settings)
+    try:
+        for study in (doomed, doomed, kept):
+            assert archive.store_file(make_file(tmp_path / "in", study=study)).ok
+    finally:
+        archive.close()
+    run = subprocess.run([sys.executable, "-c", CRASHING_DELETE, str(data), doomed],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 137, run.stderr
+    archive = Archive.open(settings)
+    try:
+        report = archive.check()
+        assert len(report.orphans) == 2 and not report.missing  # the index commit happened
+        report = archive.check(repair=True)
+        assert sum("of an interrupted delete" in x for x in report.repaired) == 2, \
+            report.repaired
+        after = archive.check()
+        assert after.clean and after.checked == 1
+        assert not archive.index.locate(doomed)
+        assert len(archive.index.locate(kept)) == 1
+    finally:
+        archive.close()

@@ -204,13 +204,19 @@ class Archive:
     def delete(self, study_uid: str, series_uid: str | None = None,
                sop_uid: str | None = None, organisation: int | None = None
                ) -> list[StoredInstance]:
-        """Index rows first, blobs second: a crash in between leaves only orphans. With
-        ``organisation``, only its share goes (instances still owned by others stay)."""
-        gone = self.index.remove(study_uid, series_uid, sop_uid, organisation)
-        if not gone and organisation is None:
-            raise NotFound(resource_name(study_uid, series_uid, sop_uid) + " not found")
-        for inst in gone:
-            self.blobs.delete(inst.blob_key)
+        """Journal, index rows, blobs: a crash after the index commit leaves orphans that
+        the journal marks as deleted (``check --repair`` removes them, never re-indexes
+        them). With ``organisation``, only its share goes (instances others own stay)."""
+        candidates = self.index.locate(study_uid, series_uid, sop_uid)
+        journal = self.blobs.begin_delete(sorted({inst.blob_key for inst, _ in candidates}))
+        try:
+            gone = self.index.remove(study_uid, series_uid, sop_uid, organisation)
+            if not gone and organisation is None:
+                raise NotFound(resource_name(study_uid, series_uid, sop_uid) + " not found")
+            for inst in gone:
+                self.blobs.delete(inst.blob_key)
+        finally:
+            self.blobs.end_delete(journal)
         return gone
 
     def check(self, repair: bool = False, verify_hashes: bool = True) -> CheckReport:
@@ -241,7 +247,12 @@ class Archive:
         return report
 
     def _repair(self, report: CheckReport) -> None:
+        deleted = self.blobs.deleting()
         for key in report.orphans:
+            if key in deleted:  # a delete was acknowledged, its blob removal interrupted
+                self.blobs.delete(key)
+                report.repaired.append(f"removed blob {key} of an interrupted delete")
+                continue
             with self.blobs.local_path(key) as path:
                 temp = self.blobs.new_temp()
                 with open(path, "rb") as src:
@@ -259,6 +270,7 @@ class Archive:
                 self.blobs.delete(key)
                 report.repaired.append(f"removed unreadable orphan blob {key}: "
                                        f"{result.error.reason if result.error else ''}")
+        self.blobs.clear_deleting()  # the rest are still indexed: their delete never ran
         for path in report.leftovers:
             path.unlink(missing_ok=True)
             report.repaired.append(f"removed partial upload {path.name}")

@@ -68,6 +68,8 @@ class FilesystemBlobStore:
         self.tmp = root / "tmp"
         self.fsync = fsync
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.deleting_dir = root / "deleting"
+        self.deleting_dir.mkdir(exist_ok=True)
         fanout = [root / f"{i:02x}" for i in range(256)]
         if not all(d.is_dir() for d in fanout):
             for d in fanout:
@@ -133,6 +135,36 @@ class FilesystemBlobStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def begin_delete(self, keys: list[str]) -> Path | None:
+        """A journal of the keys a delete is about to unindex, fsynced before the index
+        commit: if the process dies before the blobs are gone, ``check --repair`` removes
+        them instead of re-indexing what was deleted."""
+        if not keys:
+            return None
+        path = self.deleting_dir / f"{uuid.uuid4().hex}.keys"
+        with open(path, "w", encoding="ascii") as out:
+            out.write("\n".join(k for k in keys if _KEY.match(k)))
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        if self.fsync:
+            _fsync(self.deleting_dir)
+        return path
+
+    def end_delete(self, journal: object) -> None:
+        if isinstance(journal, Path):
+            journal.unlink(missing_ok=True)
+
+    def deleting(self) -> set[str]:
+        found: set[str] = set()
+        for path in self.deleting_dir.glob("*.keys"):
+            found |= {k for k in path.read_text("ascii", "replace").split() if _KEY.match(k)}
+        return found
+
+    def clear_deleting(self) -> None:
+        for path in self.deleting_dir.glob("*.keys"):
+            path.unlink(missing_ok=True)
 
     def keys(self) -> Iterator[str]:
         for path in self.root.glob("??/*"):
