@@ -5,6 +5,10 @@ with an OID issuer (two studies, one of them with two series) and a patient with
 issuer; "beta" has a study of the same issuer-qualified patient and one with the same
 bare PatientID as alpha's (a different patient: another organisation). Resources are
 validated with ``fhir.resources.R4B`` (the R4 resources did not change in R4B).
+
+Patient links use two more organisations on the same server, "gamma" (a hospital) and
+"delta" (a clinic), whose records of one person are linked and merged through the real
+/api/patients endpoints; alpha's and beta's views do not change.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
@@ -77,7 +82,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w = World(server)
         server.cli("users", "create", "root", "--org", "site", "--role", "admin",
                    "--superuser", "--no-password")
-        root = server.session(server.cli("tokens", "create", "root").stdout.strip())
+        w.tokens["root"] = server.cli("tokens", "create", "root").stdout.strip()
+        root = w.api("root")
         for user, org in (("ann", "alpha"), ("bob", "beta")):
             made = root.post(f"{server.url}/api/organisations", json={"name": org}, timeout=30)
             assert made.status_code == 201, made.text
@@ -417,3 +423,183 @@ def test_iid_opens_viewer_and_patient_page_after_login(
         expect(rows.first).to_have_attribute("data-study-uid", ct)
         rows.first.get_by_test_id("view-study").click()
         page.wait_for_url(re.compile(re.escape(f"/app/view/{ct}") + "$"))
+
+
+# -- Patient links: one person across organisations -------------------------------------------
+LENA = {"PatientName": "Linkmann^Lena", "PatientBirthDate": "19650505", "PatientSex": "F"}
+MAX = {"PatientName": "Mergel^Max", "PatientBirthDate": "19550505", "PatientSex": "M"}
+KIM = {"PatientName": "Coowned^Kim", "PatientBirthDate": "19900909", "PatientSex": "F"}
+
+
+@pytest.fixture(scope="module")
+def persons(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
+    """gamma (gdoc clinician, gadmin admin) and delta (ddoc, dnurse clinicians). Lena is
+    H-1 at gamma and C-1 at delta (no issuers); ddoc holds a grant for H-1's study, dnurse
+    none. Max is M-1 and M-2 at gamma and MC-9 at delta."""
+    files = tmp_path_factory.mktemp("persons")
+    root = world.api("root")
+    for org in ("gamma", "delta"):
+        made = root.post(f"{world.server.url}/api/organisations", json={"name": org},
+                         timeout=30)
+        assert made.status_code == 201, made.text
+    for user, org, role in (("gdoc", "gamma", "clinician"), ("gadmin", "gamma", "admin"),
+                            ("ddoc", "delta", "clinician"), ("dnurse", "delta", "clinician")):
+        world.tokens[user] = world.server.make_user(root, user, org, role)
+    for user, name, pid, attrs, date in (
+            ("gdoc", "lena-h", "H-1", LENA, "20200101"), ("ddoc", "lena-c", "C-1", LENA,
+                                                         "20230101"),
+            ("gdoc", "max-1", "M-1", MAX, "20100101"), ("gdoc", "max-2", "M-2", MAX,
+                                                        "20150101"),
+            ("ddoc", "max-c", "MC-9", MAX, "20160101")):
+        _store(world, user, name, [make_file(files, PatientID=pid, StudyDate=date, **attrs)])
+    r = world.api("gdoc").post(f"{world.server.url}/api/grants", json={
+        "study_uid": world.studies["lena-h"], "user": "ddoc", "permissions": ["view"]},
+        timeout=30)
+    assert r.status_code == 201, r.text
+    return world
+
+
+def _api(world: World, user: str, method: str, path: str, /, **body: Any) -> Any:
+    """A call to /api as ``user`` that must succeed; its JSON."""
+    r = world.api(user).request(method, f"{world.server.url}/api{path}", json=body or None,
+                                timeout=30)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+def _record(world: World, user: str, patient_id: str) -> str:
+    found = world.get(user, "/api/patients", patient_id=patient_id).json()
+    assert len(found) == 1, found
+    return str(found[0]["id"])
+
+
+def _patient(world: World, user: str, fhir_id: str) -> dict[str, Any]:
+    """A Patient read, validated; its JSON."""
+    r = world.get(user, f"/fhir/Patient/{fhir_id}")
+    assert r.status_code == 200, r.text
+    Patient.model_validate(r.json())
+    body: dict[str, Any] = r.json()
+    assert body["id"] == fhir_id
+    return body
+
+
+def _links(patient: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(link["other"]["reference"].removeprefix("Patient/"), link["type"])
+            for link in patient.get("link", [])}
+
+
+def test_confirmed_link_shows_as_seealso_to_those_who_see_both(persons: World) -> None:
+    w = persons
+    c, h = _patient_ref(w, "ddoc", "lena-c"), _patient_ref(w, "ddoc", "lena-h")
+    assert h == _patient_ref(w, "gdoc", "lena-h")  # the same id for every caller
+    before = _patient(w, "ddoc", c)
+    assert _links(before) == set() and before["active"] is True
+    c_rec, h_rec = _record(w, "ddoc", "C-1"), _record(w, "ddoc", "H-1")
+    proposals = _api(w, "ddoc", "GET", f"/patients/links?state=proposed&patient={c_rec}")
+    ours = [p for p in proposals if {x["id"] for x in p["records"]} == {c_rec, h_rec}]
+    assert len(ours) == 1, proposals
+    assert _links(_patient(w, "ddoc", c)) == set()  # proposed is not linked
+    _api(w, "ddoc", "POST", f"/patients/links/{ours[0]['id']}/confirm")
+    try:
+        assert _links(_patient(w, "ddoc", c)) == {(h, "seealso")}
+        # The target can be followed, and links back.
+        target = _patient(w, "ddoc", h)
+        assert target["identifier"][0]["value"] == "H-1"
+        assert target["identifier"][0]["system"] == "urn:dicomshare:organisation:gamma"
+        assert _links(target) == {(c, "seealso")}
+        # Search results carry the links too.
+        found = _bundle(w.get("ddoc", "/fhir/Patient",
+                              identifier="urn:dicomshare:organisation:delta|C-1"))
+        assert [e.resource.id for e in found.entry] == [c]
+        assert _links(found.entry[0].resource.model_dump(mode="json")) == {(h, "seealso")}
+        by_name = _bundle(w.get("ddoc", "/fhir/Patient", name="linkmann"))
+        assert {e.resource.id: _links(e.resource.model_dump(mode="json"))
+                for e in by_name.entry} == {c: {(h, "seealso")}, h: {(c, "seealso")}}
+        # The clinic's nurse (no grant) sees her record, no link, and not the hospital's.
+        assert _links(_patient(w, "dnurse", c)) == set()
+        _outcome(w.get("dnurse", f"/fhir/Patient/{h}"), 404)
+        nurse_found = _bundle(w.get("dnurse", "/fhir/Patient", identifier="C-1"))
+        assert nurse_found.total == 1 and not nurse_found.entry[0].resource.link
+        assert h not in w.get("dnurse", "/fhir/Patient", identifier="C-1").text
+        # The hospital's doctor sees no clinic study: no link either.
+        assert _links(_patient(w, "gdoc", h)) == set()
+    finally:
+        _api(w, "ddoc", "POST", f"/patients/links/{ours[0]['id']}/unlink")
+    assert _links(_patient(w, "ddoc", c)) == set()
+
+
+def test_merge_gives_replaced_by_and_replaces(persons: World) -> None:
+    w = persons
+    m1, m2 = _patient_ref(w, "gadmin", "max-1"), _patient_ref(w, "gadmin", "max-2")
+    mc = _patient_ref(w, "root", "max-c")
+    r1, r2, rc = (_record(w, "root", pid) for pid in ("M-1", "M-2", "MC-9"))
+    link = _api(w, "root", "POST", "/patients/links", records=[rc, r2], note="passport")
+    merge = _api(w, "gadmin", "POST", "/patients/merges", old=r1, new=r2, reason="A40")
+    try:
+        old = _patient(w, "gadmin", m1)
+        assert old["active"] is False and _links(old) == {(m2, "replaced-by")}
+        new = _patient(w, "gadmin", m2)
+        assert new["active"] is True and _links(new) == {(m1, "replaces")}
+        # A superuser also sees the clinic's linked record.
+        assert _links(_patient(w, "root", m1)) == {(m2, "replaced-by"), (mc, "seealso")}
+        assert _links(_patient(w, "root", m2)) == {(m1, "replaces"), (mc, "seealso")}
+        clinic = _patient(w, "root", mc)
+        assert _links(clinic) == {(m1, "seealso"), (m2, "seealso")}
+        for other, _ in _links(clinic):
+            _patient(w, "root", other)
+        # The clinic's doctor sees none of gamma's Max studies: no link.
+        assert _links(_patient(w, "ddoc", mc)) == set()
+        # With a grant for the old ID's study only, the merge target stays hidden: the
+        # old Patient is not even shown inactive; the clinic's record is the person's.
+        grant = _api(w, "gdoc", "POST", "/grants", study_uid=w.studies["max-1"],
+                     user="ddoc", permissions=["view"])
+        try:
+            seen = _patient(w, "ddoc", m1)
+            assert seen["active"] is True and _links(seen) == {(mc, "seealso")}
+            assert _links(_patient(w, "ddoc", mc)) == {(m1, "seealso")}
+            assert m2 not in w.get("ddoc", "/fhir/Patient", name="mergel").text
+        finally:
+            _api(w, "gdoc", "DELETE", f"/grants/{grant['id']}")
+        # The replaced-by order puts the forward pointer first.
+        assert _patient(w, "root", m1)["link"][0]["type"] == "replaced-by"
+    finally:
+        _api(w, "gadmin", "POST", f"/patients/merges/{merge['id']}/undo")
+        _api(w, "root", "POST", f"/patients/links/{link['id']}/unlink")
+    after = _patient(w, "gadmin", m1)
+    assert after["active"] is True and _links(after) == set()
+
+
+def test_co_owned_study_is_the_lowest_owners_patient_and_links_to_the_record(
+        persons: World, tmp_path: Path) -> None:
+    w = persons
+    uid = generate_uid()
+    _store(w, "gdoc", "kim-shared", [make_file(tmp_path, study=uid, PatientID="K-1",
+                                               StudyDate="20190101", **KIM)])
+    r = w.api("gdoc").post(f"{w.server.url}/api/grants", json={
+        "study_uid": uid, "organisation": "delta", "permissions": ["view", "add-series"]},
+        timeout=30)
+    assert r.status_code == 201, r.text
+    # delta adds a series to gamma's study: both organisations own it now.
+    _store(w, "ddoc", "kim-shared-delta", [make_file(tmp_path, study=uid, PatientID="K-1",
+                                                     StudyDate="20190101", **KIM)])
+    assert w.api("gdoc").delete(f"{w.server.url}/api/grants/{r.json()['id']}",
+                                timeout=30).status_code == 200
+    _store(w, "ddoc", "kim-delta", [make_file(tmp_path, PatientID="K-1",
+                                              StudyDate="20210101", **KIM)])
+    shared, own = _patient_ref(w, "ddoc", "kim-shared"), _patient_ref(w, "ddoc", "kim-delta")
+    assert shared == _patient_ref(w, "gdoc", "kim-shared") and shared != own
+    # delta's one record K-1 shows as two Patients (the co-owned study is gamma's, the
+    # lower organisation's), linked to each other without any confirmation.
+    first = _patient(w, "ddoc", shared)
+    assert first["identifier"][0]["system"] == "urn:dicomshare:organisation:gamma"
+    assert _links(first) == {(own, "seealso")}
+    second = _patient(w, "ddoc", own)
+    assert second["identifier"][0]["system"] == "urn:dicomshare:organisation:delta"
+    assert _links(second) == {(shared, "seealso")}
+    # ImagingStudy stays per Patient.
+    assert _study_ids(_bundle(w.get("ddoc", "/fhir/ImagingStudy", patient=shared))) == [uid]
+    assert _study_ids(_bundle(w.get("ddoc", "/fhir/ImagingStudy", patient=own))) \
+        == [w.studies["kim-delta"]]
+    # gamma does not see delta's own study: no link, and its Patient is not found.
+    assert _links(_patient(w, "gdoc", shared)) == set()
+    _outcome(w.get("gdoc", f"/fhir/Patient/{own}"), 404)

@@ -14,8 +14,10 @@ base32 in lower case behind a one-letter kind:
   PatientID or its start, and the caller compares the ids of the candidate studies.
 
 The key is ``<data_dir>/secrets/fhir-patient.key`` (made once; servers sharing one
-database must share it). When cross-provider patient records exist (dicomshare.patients),
-:meth:`PatientIds.encode` is where a record id can take over.
+database must share it). Linking and merging patient records (dicomshare.patients) never
+change an id, so a client's stored references survive an unlink or an undone merge; they
+show as ``Patient.link`` instead, and :func:`record_patient_keys` says under which
+Patients a record appears.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from dicomshare.access.policy import Visibility
 from dicomshare.keys import load_or_create_key
+from dicomshare.patients.identity import Record, record_studies
+from dicomshare.storage import schema
+from dicomshare.storage.visibility import study_visible_by_row
 
 TAG_BYTES = 10
 MAX_TEXT = 29  # 1 + base32(10 + 29 bytes) = 64 characters, FHIR's limit
@@ -118,6 +127,25 @@ def study_patient_key(study: dict[str, Any], index: Any) -> PatientKey:
         return PatientKey(pid, str(issuer))
     _, owners = index.study_facts(first("0020000D"))
     return PatientKey(pid, None, min(owners) if owners else None)
+
+
+def record_patient_keys(conn: Connection, rec: Record, vis: Visibility) -> set[PatientKey]:
+    """The Patients a patient record appears as to a caller (empty if it sees none).
+
+    A record with an IssuerOfPatientID is one Patient. Any other record (one per owner of
+    a study without an issuer, or one qualified only by the issuer's universal ID, which
+    Patients do not use) is the Patient of each study of it the caller sees, keyed by the
+    study's *lowest* owning organisation: a study co-owned with a lower organisation
+    shows under that organisation's Patient, as :func:`study_patient_key` says, so links
+    made from this agree with ``ImagingStudy.subject``."""
+    if rec.issuer:
+        return {PatientKey(rec.patient_id, rec.issuer)}
+    so = schema.study_owner.alias("fhir_owner")
+    lowest = select(func.min(so.c.organisation_pk)).where(
+        so.c.study_pk == schema.study.c.pk).scalar_subquery()
+    owners = conn.execute(select(lowest).distinct().where(
+        record_studies(rec), study_visible_by_row(vis))).scalars()
+    return {PatientKey(rec.patient_id, None, int(o)) for o in owners if o is not None}
 
 
 def patient_ids_of(app: Any) -> PatientIds:

@@ -158,13 +158,18 @@ def human_name(pn: Any) -> dict[str, Any] | None:
 
 
 def patient(fhir_id: str, key: PatientKey, study: dict[str, Any],
-            organisation_name: str | None) -> dict[str, Any]:
-    """A Patient from the attributes of one of its studies (the latest)."""
+            organisation_name: str | None, links: list[tuple[str, str]] | None = None,
+            active: bool | None = None) -> dict[str, Any]:
+    """A Patient from the attributes of one of its studies (the latest), with ``links``
+    ((Patient id, link type) to the same person's other Patients) and ``active`` (False
+    once merged into another) when the caller's person view is known."""
     resource: dict[str, Any] = {"resourceType": "Patient", "id": fhir_id}
     if key.patient_id:
         resource["identifier"] = [{"use": "usual",
                                    "system": identifier_system(key, organisation_name),
                                    "value": key.patient_id}]
+    if active is not None:
+        resource["active"] = active
     name = human_name(value(study, "00100010"))
     if name:
         resource["name"] = [name]
@@ -174,6 +179,9 @@ def patient(fhir_id: str, key: PatientKey, study: dict[str, Any],
         resource["birthDate"] = birth
     if not key.issuer and organisation_name:
         resource["managingOrganization"] = {"display": organisation_name}
+    if links:
+        resource["link"] = [{"other": {"reference": f"Patient/{other}"}, "type": kind}
+                            for other, kind in links]
     return resource
 
 
@@ -235,6 +243,9 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
                      param("modality", "token", f"{DCM}|<code>"), *paging]},
                 {"type": "Patient", "interaction": [{"code": "read"},
                                                     {"code": "search-type"}],
+                 "documentation": "link: the same person's other Patients the caller may "
+                                  "see (seealso: linked records; replaced-by / replaces: "
+                                  "merges); active is false once merged into another",
                  "searchParam": [
                      param("_id", "token", "the Patient id"),
                      param("identifier", "token", "<system>|<PatientID>"),

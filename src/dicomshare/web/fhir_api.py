@@ -33,7 +33,15 @@ from dicomshare.errors import (
     Unauthenticated,
 )
 from dicomshare.fhir import resources as res
-from dicomshare.fhir.ids import PatientIds, PatientKey, patient_ids_of, study_patient_key
+from dicomshare.fhir.ids import (
+    PatientIds,
+    PatientKey,
+    patient_ids_of,
+    record_patient_keys,
+    study_patient_key,
+)
+from dicomshare.patients.identity import Patients, Record
+from dicomshare.sharing.common import app_service
 from dicomshare.storage import schema
 from dicomshare.web.app import principal
 from dicomshare.web.dicomweb import root_url
@@ -50,6 +58,8 @@ _CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
           429: "throttled"}
 _JSON_TYPES = {"*/*", "application/*", FHIR_JSON, "application/json", "application/json+fhir"}
 _FORMATS = {"json", FHIR_JSON, "application/json"}
+# When one Patient is reached several ways, the most specific relation wins.
+_LINK_RANK = {"replaced-by": 0, "replaces": 1, "seealso": 2}
 
 
 class MethodNotAllowed(DicomshareError):
@@ -114,6 +124,7 @@ class Fhir:
             else self.dicomweb
         self.base = site.rstrip("/") + "/fhir"
         self._org_names: dict[int, str | None] = {}
+        self._patients: Patients | None = None
 
     @property
     def who(self) -> Principal:
@@ -154,10 +165,79 @@ class Fhir:
                 found.append((key, study))
         return found
 
-    def patient(self, key: PatientKey, studies: list[dict[str, Any]]) -> dict[str, Any]:
+    def patient(self, key: PatientKey, studies: list[dict[str, Any]],
+                linked: bool = True) -> dict[str, Any]:
+        """The Patient; ``linked`` adds the person view (a search filters and sorts
+        without it and adds it to the page's entries only)."""
         latest = max(studies, key=lambda st: (res.value(st, "00080020") or "",
                                               res.value(st, "0020000D")))
-        return res.patient(self.ids.encode(key), key, latest, self.org_name(key.organisation_pk))
+        links, active = self.person_links(key) if linked else (None, None)
+        return res.patient(self.ids.encode(key), key, latest,
+                           self.org_name(key.organisation_pk), links, active)
+
+    # -- the person: patient records joined by links and merges ---------------------------
+    @property
+    def patients(self) -> Patients:
+        """The app's patient records service, synced once per request (as /api/patients
+        does), so a study stored a moment ago already has its record."""
+        if self._patients is None:
+            state = self.request.app.state
+            found = app_service(state, "patients", lambda: Patients(
+                state.archive.index.engine, state.access))
+            found.sync()
+            self._patients = found
+        return self._patients
+
+    def person_links(self, key: PatientKey) -> tuple[list[tuple[str, str]], bool]:
+        """(Patient id, link type) to the other Patients of this one's person that the
+        caller sees, and whether this Patient is active (False when every record of it
+        is merged into another).
+
+        The Patient's own records are the visible records that appear as it (an
+        organisation's record can appear as several Patients, see
+        :func:`record_patient_keys`); its person is the union of theirs. A record merged
+        into one of ours ``replaces``, the record one of ours is merged into is
+        ``replaced-by``, anything else (confirmed links, the same record under another
+        Patient) is ``seealso``. Records the caller does not see never show."""
+        if not key.patient_id:
+            return [], True  # an empty PatientID has no record
+        patients = self.patients
+        vis = patients.visibility(self.who)
+        own_id = self.ids.encode(key)
+        links: dict[str, str] = {}
+
+        def add(keys: set[PatientKey], kind: str) -> None:
+            for other in keys:
+                fhir_id = self.ids.encode(other)
+                known = links.get(fhir_id)
+                if fhir_id != own_id and (known is None
+                                          or _LINK_RANK[kind] < _LINK_RANK[known]):
+                    links[fhir_id] = kind
+
+        candidates = [x for x in patients.find(self.who, key.patient_id, key.issuer)
+                      if (x.issuer or None) == key.issuer]
+        with patients.engine.connect() as conn:
+            own: list[Record] = []
+            for rec in candidates:
+                keys = record_patient_keys(conn, rec, vis)
+                if key in keys:
+                    own.append(rec)
+                    add(keys, "seealso")  # the same record under another Patient
+            person: dict[int, Record] = {}
+            for rec in own:
+                person.update((x.pk, x) for x in patients.person_records(conn, rec))
+            merged = patients.merged_into(conn, person)
+            ours = {rec.pk for rec in own}
+            shown = {pk for pk, rec in person.items()
+                     if pk not in ours and patients.visible(conn, rec, vis)}
+            for pk in sorted(shown):
+                kind = "replaces" if merged.get(pk) in ours else \
+                    "replaced-by" if any(merged.get(o) == pk for o in ours) else "seealso"
+                add(record_patient_keys(conn, person[pk], vis), kind)
+        # Inactive only with a forward pointer: a merge into a record the caller does not
+        # see is not revealed, not even as "inactive".
+        active = not own or not all(merged.get(pk) in shown for pk in ours)
+        return sorted(links.items(), key=lambda item: (_LINK_RANK[item[1]], item[0])), active
 
     # -- studies -------------------------------------------------------------------------
     def imaging_study(self, study: dict[str, Any]) -> dict[str, Any]:
@@ -435,13 +515,14 @@ async def search_patients(request: Request) -> Response:
         groups: dict[PatientKey, list[dict[str, Any]]] = {}
         for study in ctx.studies(qido):
             groups.setdefault(ctx.patient_key(study), []).append(study)
-        patients = [ctx.patient(key, studies) for key, studies in groups.items()]
-        patients = [p for p in patients
-                    if (wanted_id is None or p["id"] == wanted_id)
-                    and (gender is None or p["gender"] in gender)
-                    and (identifier is None or _has_identifier(p, identifier))]
-        patients.sort(key=lambda p: (p.get("name", [{}])[0].get("text", ""), p["id"]))
-        return ctx.bundle("Patient", patients, lambda p: p, count, offset)
+        plain = [(ctx.patient(key, studies, linked=False), key, studies)
+                 for key, studies in groups.items()]
+        matches = [(p, key, studies) for p, key, studies in plain
+                   if (wanted_id is None or p["id"] == wanted_id)
+                   and (gender is None or p["gender"] in gender)
+                   and (identifier is None or _has_identifier(p, identifier))]
+        matches.sort(key=lambda m: (m[0].get("name", [{}])[0].get("text", ""), m[0]["id"]))
+        return ctx.bundle("Patient", matches, lambda m: ctx.patient(m[1], m[2]), count, offset)
 
     return await _answer(request, work)
 
