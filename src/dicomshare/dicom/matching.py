@@ -143,9 +143,9 @@ def parse_qido(level: Level, params: list[tuple[str, str]]) -> Query:
                 else:
                     query.include.add(parse_path(item)[0])
         elif lname == "limit":
-            query.limit = _int_param("limit", raw, 0, MAX_LIMIT)
+            query.limit = int_param("limit", raw, 0, MAX_LIMIT)
         elif lname == "offset":
-            query.offset = _int_param("offset", raw, 0, MAX_OFFSET)
+            query.offset = int_param("offset", raw, 0, MAX_OFFSET)
         elif lname == "fuzzymatching":
             if raw.lower() not in ("true", "false"):
                 raise InvalidQuery("fuzzymatching must be true or false")
@@ -164,11 +164,12 @@ def parse_qido(level: Level, params: list[tuple[str, str]]) -> Query:
     return query
 
 
-def _int_param(name: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidQuery(f"{name} must be an integer, got {raw[:40]!r}") from None
+def int_param(name: str, raw: str, low: int, high: int) -> int:
+    """A bounded integer query parameter: plain digits only (Python's int() would also take
+    " 7", "1_000" and other spellings no client means)."""
+    if not re.fullmatch(r"-?\d{1,12}", raw):
+        raise InvalidQuery(f"{name} must be an integer, got {raw[:40]!r}")
+    value = int(raw)
     if value < low:
         raise InvalidQuery(f"{name} must be at least {low}, got {value}")
     if value > high:

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from dicomshare.access.policy import Principal
 from dicomshare.access.service import Access
 from dicomshare.dicom.attributes import Level, is_valid_uid
-from dicomshare.dicom.matching import parse_qido
+from dicomshare.dicom.matching import int_param, parse_qido
 from dicomshare.errors import (
     DicomshareError,
     InvalidQuery,
@@ -268,15 +268,6 @@ class Fhir:
 
 
 # -- search parameters ------------------------------------------------------------------------
-def _paging(name: str, raw: str, high: int) -> int:
-    if not re.fullmatch(r"\d{1,9}", raw):
-        raise InvalidQuery(f"{name} must be a non-negative integer, got {raw[:40]!r}")
-    number = int(raw)
-    if number > high:
-        raise InvalidQuery(f"{name} must be at most {high}, got {number}")
-    return number
-
-
 _DATE = re.compile(r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?(?P<y>\d{4})(-(?P<m>\d{2})"
                    r"(-(?P<d>\d{2}))?)?(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?$")
 
@@ -374,9 +365,9 @@ async def search_studies(request: Request) -> Response:
         qido: list[tuple[str, str]] = []
         for name, raw in request.query_params.multi_items():
             if name == "_count":
-                count = _paging(name, raw, MAX_COUNT)
+                count = int_param(name, raw, 0, MAX_COUNT)
             elif name == "_offset":
-                offset = _paging(name, raw, MAX_MATCHES)
+                offset = int_param(name, raw, 0, MAX_MATCHES)
             elif name == "_format":
                 continue
             elif name in ("_id", "identifier"):
@@ -472,9 +463,9 @@ async def search_patients(request: Request) -> Response:
                 raise InvalidQuery(f"{name} is given more than once")
             seen.add(name)
             if name == "_count":
-                count = _paging(name, raw, MAX_COUNT)
+                count = int_param(name, raw, 0, MAX_COUNT)
             elif name == "_offset":
-                offset = _paging(name, raw, MAX_MATCHES)
+                offset = int_param(name, raw, 0, MAX_MATCHES)
             elif name == "_format":
                 continue
             elif name == "_id":
