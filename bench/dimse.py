@@ -273,7 +273,9 @@ def start_server(name: str, args: argparse.Namespace, cmd: str, tmp: Path, scp_p
         return start_orthanc(
             args.orthanc_cmd, "", overrides, tmp, args.keep_tmp, log, port, DCMTK_ENV
         )
-    peers = [(SCP_AET, LOCALHOST, scp_port)]
+    # The calling AE is registered (for the bench organisation, read and write): an unknown
+    # caller let in by --dicom-accept-unknown may store but not retrieve.
+    peers = [(SCP_AET, LOCALHOST, scp_port), (BENCH_AET, LOCALHOST, 104)]
     return start_dicomshare(cmd, None, tmp, args.keep_tmp, log, port, peers, DCMTK_ENV)
 
 
