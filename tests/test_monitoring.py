@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,7 @@ def test_new_study_webhook_is_signed_and_carries_no_phi(site: Site, receiver: Re
 
 
 def test_failing_target_is_retried_then_redelivered(site: Site, receiver: Receiver) -> None:
+    since = datetime.now(UTC).isoformat()  # ids of deleted webhooks may be used again
     hook = site.hook("hospital/admin", receiver.url("/fail"), ["new-study"])
     study = generate_uid()
     assert site.store("hospital/clinician", study, PatientID="PAT-FAIL").status_code == 200
@@ -260,6 +262,61 @@ def test_failing_target_is_retried_then_redelivered(site: Site, receiver: Receiv
                      ).status_code == 404
     assert other.post(url).status_code == 404
     site.drop("hospital/admin", hook["id"])
+
+    # Every attempt, the giving up and the manual re-delivery are in the audit trail of
+    # the webhook's organisation, with ids, event kind and status only.
+    expected = [("webhook.attempt-failed", "failure", 500), ("webhook.attempt-failed",
+                                                            "failure", 500),
+                ("webhook.given-up", "failure", 500), ("webhook.redeliver", "success", None),
+                ("webhook.delivered", "success", 204)]
+    records = _delivery_audit(site, "hospital/admin", failed["id"], since, len(expected))
+    found = [(r["action"], r["outcome"], r["details"].get("status_code")) for r in records]
+    # Sender and request record concurrently: the trail's order may differ by a little.
+    assert sorted(found, key=str) == sorted(expected, key=str)
+    hospital = site.api("hospital/admin").get(f"{site.server.url}/api/organisations").json()
+    for r in records:
+        assert r["actor_organisation"] == hospital[0]["id"]
+        assert set(r["details"]) <= {"event", "webhook_id", "delivery_id", "attempt",
+                                     "status_code", "reason"}
+        assert r["details"]["event"] == "new-study"
+        assert r["details"]["webhook_id"] == hook["id"]
+        assert r["patient_id"] is None and r["study_uid"] is None
+        assert study not in json.dumps(r) and "PAT-FAIL" not in json.dumps(r)
+    attempts = {r["details"]["attempt"]: r["action"] for r in records
+                if r["action"] != "webhook.redeliver"}
+    assert attempts == {1: "webhook.attempt-failed", 2: "webhook.attempt-failed",
+                        3: "webhook.given-up", 4: "webhook.delivered"}
+    assert {r["details"].get("reason") for r in records if r["outcome"] == "failure"
+            } == {"http-status"}
+    # The clinic's administrators see their refused re-delivery in their trail, not the
+    # hospital's deliveries.
+    assert [(r["action"], r["outcome"]) for r in _delivery_audit(
+        site, "clinic/admin", failed["id"], since, 1)] == [("webhook.redeliver", "denied")]
+    # The sender appends through its own handle on the trail: the chain stays intact.
+    result = site.server.cli("audit", "verify", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+_DELIVERY_ACTIONS = ("webhook.attempt-failed", "webhook.given-up", "webhook.delivered",
+                     "webhook.redeliver")
+
+
+def _delivery_audit(site: Site, who: str, delivery: int, since: str, count: int,
+                    timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The audit records about one delivery, oldest first, once ``count`` are there (the
+    sender queues them; its writer commits within milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for action in _DELIVERY_ACTIONS:
+            r = site.api(who).get(f"{site.server.url}/api/audit",
+                                  params={"action": action, "since": since,
+                                          "limit": 1000})
+            assert r.status_code == 200, r.text
+            found += [x for x in r.json() if x["details"].get("delivery_id") == delivery]
+        if len(found) >= count or time.monotonic() > deadline:
+            return sorted(found, key=lambda x: x["seq"])
+        time.sleep(0.2)
 
 
 def _time_stores(site: Site, studies: list[str]) -> float:
@@ -492,3 +549,159 @@ def test_consult_news_reach_both_parties(site: Site, receiver: Receiver) -> None
             assert _valid(hit, hook["secret"]) and b"Secret" not in hit.body
     site.drop("hospital/admin", asking["id"])
     site.drop("clinic/admin", asked["id"])
+
+
+# -- cohort watches ------------------------------------------------------------------------
+def _cohort_notes(site: Site, who: str) -> list[dict[str, Any]]:
+    r = site.api(who).get(f"{site.server.url}/api/notifications",
+                          params={"kind": "watch-cohort-study"})
+    assert r.status_code == 200, r.text
+    found: list[dict[str, Any]] = r.json()
+    return found
+
+
+def _wait_cohort_note(site: Site, who: str, study: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if study in {n["details"]["study_instance_uid"] for n in _cohort_notes(site, who)}:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no cohort notification of {study}: {_cohort_notes(site, who)}")
+
+
+# A CT of the chest of a woman of 54 (born 1970, seen 2024), as the cohort below wants it.
+MATCH = {"Modality": "CT", "BodyPartExamined": "CHEST", "StudyDescription": "CT Thorax routine",
+         "PatientSex": "F", "PatientBirthDate": "19700101", "StudyDate": "20240601"}
+COHORT = {"Modality": ["CT", "MR"], "BodyPartExamined": "chest",
+          "StudyDescription": "*THORAX*", "PatientSex": "F", "min_age": 40, "max_age": 70}
+
+
+def test_cohort_watch_notifies_matching_visible_new_studies(site: Site) -> None:
+    api, url = site.api("clinic/clinician"), f"{site.server.url}/api/watchlist/cohorts"
+    r = api.post(url, json={"query": COHORT, "label": "women's chest CT"})
+    assert r.status_code == 201, r.text
+    anywhere = r.json()
+    assert anywhere["query"] == {"Modality": ["CT", "MR"], "BodyPartExamined": ["CHEST"],
+                                 "StudyDescription": "*THORAX*", "PatientSex": ["F"],
+                                 "min_age": 40, "max_age": 70}
+    r = api.post(url, json={"query": COHORT | {"organisation": "clinic"}})
+    assert r.status_code == 201, r.text
+    own = r.json()
+    assert own["query"]["organisation"] == ["clinic"] and own["label"] is None
+    assert api.post(url, json={"query": COHORT}).status_code == 409
+    assert [w["id"] for w in api.get(url).json()] == [anywhere["id"], own["id"]]
+    assert api.get(f"{url}/{own['id']}").json() == own
+    time.sleep(SETTLE)
+
+    # The hospital opens one patient to the clinic (after a first, matching study: the
+    # grant opens it, but it is no arrival), another patient stays closed.
+    before = generate_uid()
+    assert site.store("hospital/clinician", before, PatientID="PAT-COHORT-OPEN",
+                      **MATCH).status_code == 200
+    r = site.api("hospital/clinician").post(f"{site.server.url}/api/grants", json={
+        "patient_id": "PAT-COHORT-OPEN", "organisation": "clinic", "permissions": ["view"]})
+    assert r.status_code == 201, r.text
+    hidden, wrong_age, wrong_part, shared, clinics = (generate_uid() for _ in range(5))
+    for study, who, pid, attrs in (
+            (hidden, "hospital/clinician", "PAT-COHORT-CLOSED", {}),
+            (wrong_age, "hospital/clinician", "PAT-COHORT-OPEN",
+             {"PatientBirthDate": "19300101"}),
+            (wrong_part, "hospital/clinician", "PAT-COHORT-OPEN", {"BodyPartExamined": "HEAD"}),
+            (shared, "hospital/clinician", "PAT-COHORT-OPEN",
+             {"StudyDescription": "ct thorax low dose"}),  # wildcards ignore case
+            (clinics, "clinic/clinician", "PAT-COHORT-OWN", {})):
+        r = site.store(who, study, PatientID=pid, count=2, **(MATCH | attrs))
+        assert r.status_code == 200, r.text
+    # More of the shared study in a later request, in a new series: no second notification.
+    assert site.store("hospital/clinician", shared, PatientID="PAT-COHORT-OPEN",
+                      **MATCH).status_code == 200
+    _wait_cohort_note(site, "clinic/clinician", shared)
+    _wait_cohort_note(site, "clinic/clinician", clinics)
+    time.sleep(2)  # events are fanned out in parallel: let the others finish too
+    notes = _cohort_notes(site, "clinic/clinician")
+    assert sorted((n["details"]["watch_id"], n["details"]["study_instance_uid"])
+                  for n in notes) == sorted([(anywhere["id"], shared),
+                                             (anywhere["id"], clinics), (own["id"], clinics)])
+    for note in notes:
+        assert set(note["details"]) == {"watch_id", "label", "study_instance_uid"}
+        assert "chest" not in note["subject"].lower()  # the label is not e-mailed
+    assert {n["details"]["label"] for n in notes} == {"women's chest CT", None}
+    # Nobody else hears of them.
+    assert _cohort_notes(site, "other/clinician") == []
+    assert _cohort_notes(site, "hospital/clinician") == []
+
+    # Another user's cohort watches do not exist for them.
+    other = site.api("other/clinician")
+    assert other.get(url).json() == []
+    assert other.get(f"{url}/{own['id']}").status_code == 404
+    assert other.delete(f"{url}/{own['id']}").status_code == 404
+    assert api.get(f"{url}/{own['id']}").status_code == 200
+
+    # Unfollowed: no more news.
+    for watch in (anywhere, own):
+        assert api.delete(f"{url}/{watch['id']}").status_code == 204
+    assert api.get(url).json() == []
+    assert api.get(f"{url}/{own['id']}").status_code == 404
+    later = generate_uid()
+    assert site.store("hospital/clinician", later, PatientID="PAT-COHORT-OPEN",
+                      **MATCH).status_code == 200
+    time.sleep(2)
+    assert len(_cohort_notes(site, "clinic/clinician")) == 3
+
+
+def test_cohort_watch_refuses_bad_queries(site: Site) -> None:
+    api, url = site.api("clinic/clinician"), f"{site.server.url}/api/watchlist/cohorts"
+    for query, why in (
+            ({}, "no filter"),
+            ({"Modality": "CT", "PatientName": "DOE*"}, "unknown filter 'PatientName'"),
+            ({"Modality": []}, "Modality: give one value"),
+            ({"Modality": "CT\\MR"}, "Modality: 'CT\\\\MR' is not a code string"),
+            ({"Modality": 3}, "Modality: values are text"),
+            ({"Modality": ["CT"] * 51}, "Modality: at most 50 values"),
+            ({"BodyPartExamined": "x" * 17}, "BodyPartExamined"),
+            ({"PatientSex": "X"}, "PatientSex: 'X' is not one of M, F, O"),
+            ({"StudyDescription": "*"}, "matches every study"),
+            ({"StudyDescription": "x" * 65}, "StudyDescription: 1 to 64 characters"),
+            ({"StudyDescription": "a\\b"}, "backslashes"),
+            ({"min_age": "40"}, "min_age: a whole number of years"),
+            ({"min_age": True}, "min_age: a whole number"),
+            ({"max_age": 151}, "max_age: between 0 and 150"),
+            ({"min_age": 60, "max_age": 40}, "min_age (60) is above max_age (40)"),
+            ({"organisation": "no-such-org"}, "organisation: no organisation"),
+            # exists, but shares nothing with the clinic: answered like a missing one
+            ({"organisation": "other"}, "organisation: no organisation 'other'"),
+            ({"organisation": 1.5}, "organisation: a name or an id"),
+            ({"Modality": "CT", "x": "y" * 5000}, "longer than 4000 characters")):
+        r = api.post(url, json={"query": query})
+        assert r.status_code == 400, (query, r.text)
+        assert why in r.json()["error"], (query, r.text)
+    r = api.post(url, json={"query": ["CT"]})
+    assert r.status_code == 400 and "query" in r.json()["error"]
+    assert api.post(url, json={"query": {"Modality": "CT"}, "label": "x" * 201}
+                    ).status_code == 400
+    # Only roles that may search follow cohorts; a bounded number per user.
+    created = []
+    for age in range(50):
+        r = api.post(url, json={"query": {"min_age": age}})
+        assert r.status_code == 201, r.text
+        created.append(r.json()["id"])
+    r = api.post(url, json={"query": {"min_age": 100}})
+    assert r.status_code == 400 and "at most 50" in r.json()["error"]
+    for pk in created:
+        assert api.delete(f"{url}/{pk}").status_code == 204
+    assert api.delete(f"{url}/999999").status_code == 404
+
+
+def test_cohort_watch_alone_is_a_subscriber(tmp_path: Path) -> None:
+    server = make_server(tmp_path, env=ENV)
+    try:
+        api = server.session()
+        r = api.post(f"{server.url}/api/watchlist/cohorts", json={"query": {"Modality": "CT"}})
+        assert r.status_code == 201, r.text
+        time.sleep(SETTLE)
+        site = Site(server, {"tester": server.token}, tmp_path / "files")
+        study = generate_uid()
+        assert site.store("tester", study, PatientID="PAT-ALONE").status_code == 200
+        _wait_cohort_note(site, "tester", study, timeout=8)
+    finally:
+        server.stop()

@@ -61,7 +61,8 @@ def invalidate() -> None:
 
 
 def active(conn: Connection | Engine) -> bool:
-    """Whether any webhook or watch exists (cached briefly; no query while cached)."""
+    """Whether any webhook, watch or cohort watch exists (cached briefly; no query while
+    cached)."""
     global _active
     now = time.monotonic()
     until, value = _active
@@ -70,8 +71,9 @@ def active(conn: Connection | Engine) -> bool:
     if isinstance(conn, Engine):
         with conn.connect() as c:
             return active(c)
-    value = bool(conn.execute(select(or_(exists().where(s.webhook.c.pk.is_not(None)),
-                                         exists().where(s.watch.c.pk.is_not(None))))).scalar())
+    value = bool(conn.execute(select(or_(
+        exists().where(s.webhook.c.pk.is_not(None)), exists().where(s.watch.c.pk.is_not(None)),
+        exists().where(s.cohort_watch.c.pk.is_not(None))))).scalar())
     with _active_lock:
         _active = (now + ACTIVE_CACHE_SECONDS, value)
     return value

@@ -10,9 +10,9 @@ nothing by itself: the follower is only told of studies its own visibility opens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +23,7 @@ from dicomshare.monitoring import events
 from dicomshare.storage import schema as s
 
 wt = s.watch
+T = TypeVar("T")
 MAX_WATCHES_PER_USER = 1000
 
 
@@ -72,9 +73,49 @@ def _clean(text: str, what: str) -> str:
     return text
 
 
-class Watchlist:
+class UserRows(Generic[T]):
+    """Rows a user owns (patient and cohort watches): listed, read and removed by their
+    owner only; anyone else's answer NotFound, like missing ones."""
+
+    table: Table
+    noun: str
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _make(self, row: Any) -> T:
+        raise NotImplementedError
+
+    def listing(self, who: Principal) -> list[T]:
+        t = self.table
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t).where(t.c.user_pk == who.user_pk)
+                                .order_by(t.c.pk)).all()
+        return [self._make(r) for r in rows]
+
+    def get(self, who: Principal, watch_id: int) -> T:
+        t = self.table
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.pk == watch_id,
+                                               t.c.user_pk == who.user_pk)).first()
+        if row is None:
+            raise NotFound(f"no {self.noun} {watch_id}")
+        return self._make(row)
+
+    def unfollow(self, who: Principal, watch_id: int) -> T:
+        found = self.get(who, watch_id)
+        with self.engine.begin() as conn:
+            conn.execute(delete(self.table).where(self.table.c.pk == watch_id))
+        events.invalidate()
+        return found
+
+
+class Watchlist(UserRows[Watch]):
+    table = wt
+    noun = "watch"
+
+    def _make(self, row: Any) -> Watch:
+        return _watch(row)
 
     def follow(self, who: Principal, patient_id: str, issuer: str = "",
                label: str | None = None) -> Watch:
@@ -101,24 +142,3 @@ class Watchlist:
         events.invalidate()
         return self.get(who, int(pk))
 
-    def listing(self, who: Principal) -> list[Watch]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(wt).where(wt.c.user_pk == who.user_pk)
-                                .order_by(wt.c.pk)).all()
-        return [_watch(r) for r in rows]
-
-    def get(self, who: Principal, watch_id: int) -> Watch:
-        """One of the caller's watches; others' are NotFound, like missing ones."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(wt).where(wt.c.pk == watch_id,
-                                                wt.c.user_pk == who.user_pk)).first()
-        if row is None:
-            raise NotFound(f"no watch {watch_id}")
-        return _watch(row)
-
-    def unfollow(self, who: Principal, watch_id: int) -> Watch:
-        found = self.get(who, watch_id)
-        with self.engine.begin() as conn:
-            conn.execute(delete(wt).where(wt.c.pk == found.id))
-        events.invalidate()
-        return found

@@ -3,7 +3,9 @@
 An organisation's admins subscribe a URL to some of :data:`~dicomshare.monitoring.events.
 EVENTS`. Each event for the organisation becomes one ``webhook_delivery`` row (the JSON
 body, fixed once) that the monitoring worker POSTs, retrying on failure after the delays
-of :func:`retry_schedule`; every attempt is kept in ``webhook_attempt``.
+of :func:`retry_schedule`; every attempt is kept in ``webhook_attempt`` and written to the
+audit trail (:data:`AUDIT_ACTIONS`: ids, event kind and HTTP status, no PHI), since an
+attempt sends news of patients' studies out of the archive.
 
 Signature (see docs/monitoring.md): ``X-Dicomshare-Timestamp: <unix seconds>`` and
 ``X-Dicomshare-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>``.
@@ -23,6 +25,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import socket
@@ -37,12 +40,15 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from dicomshare import __version__, clock
+from dicomshare.access.audit import AuditEvent, AuditLog
 from dicomshare.access.policy import Principal
 from dicomshare.errors import InvalidInput, NotFound
 from dicomshare.monitoring import events
 from dicomshare.storage import schema as s
 
+log = logging.getLogger(__name__)
 w, d, a = s.webhook, s.webhook_delivery, s.webhook_attempt
+SENDER = "system:webhook-sender"  # the audit trail's actor for delivery attempts
 
 DEFAULT_RETRY_SECONDS = (10.0, 30.0, 120.0, 600.0, 3600.0)  # after the first attempt
 DEFAULT_TIMEOUT_SECONDS = 5.0
@@ -283,12 +289,17 @@ def _delivery_json(row: Any, tries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- sending -----------------------------------------------------------------------------
-def attempt(engine: Engine, delivery_pk: int, client: httpx.Client) -> bool:
+def attempt(engine: Engine, delivery_pk: int, client: httpx.Client,
+            audit: AuditLog | None = None) -> bool:
     """One attempt at one (claimed) delivery: POST, record the attempt, schedule the next
-    one or end the delivery. True when delivered."""
+    one or end the delivery, and write the result to the audit trail. True when
+    delivered."""
     with engine.connect() as conn:
-        row = conn.execute(select(d.c.body, d.c.event, d.c.attempts, w.c.url, w.c.secret)
+        row = conn.execute(select(d.c.body, d.c.event, d.c.attempts, w.c.pk.label("hook"),
+                                  w.c.url, w.c.secret, w.c.organisation_pk,
+                                  s.organisation.c.name.label("organisation"))
                            .join(w, w.c.pk == d.c.webhook_pk)
+                           .join(s.organisation, s.organisation.c.pk == w.c.organisation_pk)
                            .where(d.c.pk == delivery_pk)).first()
     if row is None:  # the webhook was deleted meanwhile
         return False
@@ -297,6 +308,7 @@ def attempt(engine: Engine, delivery_pk: int, client: httpx.Client) -> bool:
     t0 = time.monotonic()
     status: int | None = None
     error: str | None = None
+    kind: str | None = None  # why an attempt failed, in a word (for the audit trail)
     try:
         parts = urlsplit(row.url)
         refused = refused_address(parts.hostname or "", parts.port or
@@ -310,19 +322,48 @@ def attempt(engine: Engine, delivery_pk: int, client: httpx.Client) -> bool:
             TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(row.secret, stamp, body)})
         status = response.status_code
         if response.is_redirect or 300 <= status < 400:
+            kind = "redirect"
             error = (f"redirect ({status}) to {response.headers.get('location', '?')[:200]!r} "
                      "not followed")
         elif not 200 <= status < 300:
-            error = f"HTTP {status}"
+            kind, error = "http-status", f"HTTP {status}"
     except _Refused as exc:
-        error = str(exc)
+        kind, error = "address-refused", str(exc)
     except httpx.TimeoutException as exc:
-        error = f"timed out ({type(exc).__name__})"
+        kind, error = "timeout", f"timed out ({type(exc).__name__})"
     except (httpx.HTTPError, OSError, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
+        kind, error = "connection", f"{type(exc).__name__}: {exc}"[:500]
     duration = int((time.monotonic() - t0) * 1000)
-    _finish(engine, delivery_pk, row.attempts + 1, started, duration, status, error)
+    number = row.attempts + 1
+    state = _finish(engine, delivery_pk, number, started, duration, status, error)
+    if audit is not None:
+        _audit(audit, row, delivery_pk, number, state, status, kind)
     return error is None
+
+
+# What became of a delivery after an attempt -> the audit action that says so.
+AUDIT_ACTIONS = {"delivered": "webhook.delivered", "pending": "webhook.attempt-failed",
+                 "failed": "webhook.given-up"}
+
+
+def _audit(audit: AuditLog, row: Any, delivery_pk: int, number: int, state: str,
+           status: int | None, kind: str | None) -> None:
+    """One record per attempt. Details: event kind, ids, attempt number, HTTP status and a
+    one-word reason; never the payload (UIDs), the URL or the receiver's answer. The actor
+    is the sender acting for the webhook's organisation, so its admins and auditors find
+    the record in their part of the trail."""
+    sender = Principal(user=SENDER, organisation=row.organisation, role="system",
+                       organisation_pk=row.organisation_pk, kind="job")
+    details: dict[str, Any] = {"event": row.event, "webhook_id": row.hook,
+                               "delivery_id": delivery_pk, "attempt": number,
+                               "status_code": status}
+    if kind is not None:
+        details["reason"] = kind
+    try:  # waited for: a sender thread can afford it, and the record survives a crash
+        audit.record(AuditEvent(AUDIT_ACTIONS[state], "success" if state == "delivered"
+                                else "failure", sender, details=details), wait=True)
+    except Exception:  # the attempt is recorded in webhook_attempt; never break sending
+        log.exception("could not audit webhook delivery %s", delivery_pk)
 
 
 class _Refused(Exception):
@@ -330,7 +371,9 @@ class _Refused(Exception):
 
 
 def _finish(engine: Engine, delivery_pk: int, number: int, started: Any, duration: int,
-            status: int | None, error: str | None) -> None:
+            status: int | None, error: str | None) -> str:
+    """Record the attempt; the delivery's state after it (``delivered``, ``pending`` for a
+    retry, ``failed`` when given up, also when the webhook was deleted meanwhile)."""
     now = clock.now()
     values: dict[str, Any] = {"attempts": number, "status_code": status, "error": error,
                               "last_attempt_at": started}
@@ -345,7 +388,9 @@ def _finish(engine: Engine, delivery_pk: int, number: int, started: Any, duratio
                        "next_attempt_at": now + timedelta(seconds=schedule[number - 1])}
     with engine.begin() as conn:
         if conn.execute(update(d).where(d.c.pk == delivery_pk).values(**values)).rowcount != 1:
-            return  # the webhook was deleted during the attempt
+            # the webhook was deleted during the attempt: nothing will follow
+            return "delivered" if error is None else "failed"
         conn.execute(insert(a).values(delivery_pk=delivery_pk, number=number,
                                       started_at=started, duration_ms=duration,
                                       status_code=status, error=error))
+    return str(values["state"])

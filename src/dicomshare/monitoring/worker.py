@@ -1,7 +1,7 @@
 """The monitoring worker: one daemon thread per process that fans queued events out to
 webhook deliveries and watchlist notifications, and a few sender threads that POST the
-deliveries. Nothing here runs on a request's path: a hanging or failing receiver delays
-only its own deliveries.
+deliveries (each attempt audited). Nothing here runs on a request's path: a hanging or
+failing receiver delays only its own deliveries.
 
 Fan-out of a ``stored`` event, per subscriber (a webhook's organisation, a watcher):
 
@@ -10,7 +10,9 @@ Fan-out of a ``stored`` event, per subscriber (a webhook's organisation, a watch
 - ``new-study``: some instance of this event is visible to it, and no visible instance of
   the study is older than the event's oldest one (so the first arrival a subscriber may
   see is new to it, a later one is not); ``new-series`` likewise per series;
-- the payload carries UIDs, event name and time, nothing else (docs/monitoring.md).
+- the payload carries UIDs, event name and time, nothing else (docs/monitoring.md);
+- watches (patients, cohort queries) notify their user of a study new to that user,
+  a cohort watch only when what the user may see of the study matches its query.
 
 Claims make several processes safe: an event is taken with ``UPDATE ... SET processed_at
 WHERE processed_at IS NULL`` in the transaction that writes its deliveries; a delivery by
@@ -32,10 +34,11 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from dicomshare import clock
+from dicomshare.access.audit import AuditLog
 from dicomshare.access.grants import live_grants
 from dicomshare.access.policy import Action, Principal, Visibility, allowed, visibility
 from dicomshare.config import Settings
-from dicomshare.monitoring import events
+from dicomshare.monitoring import cohort, events
 from dicomshare.monitoring import webhooks as wh
 from dicomshare.monitoring.watch import watched_by
 from dicomshare.sharing.notify import notify, server_link
@@ -54,19 +57,21 @@ _worker_lock = threading.Lock()
 me, w, d = s.monitor_event, s.webhook, s.webhook_delivery
 
 
-def start_monitor(engine: Engine, settings: Settings) -> None:
-    """Start this process's worker once. Cheap to call often."""
+def start_monitor(engine: Engine, settings: Settings, audit: AuditLog | None = None) -> None:
+    """Start this process's worker once (recording deliveries in ``audit``, the app's
+    trail, or a handle of its own). Cheap to call often."""
     global _worker
     if _worker is not None:
         return
     with _worker_lock:
         if _worker is None:
-            _worker = MonitorWorker(engine, settings)
+            _worker = MonitorWorker(engine, settings, audit)
             _worker.start()
 
 
 class MonitorWorker(threading.Thread):
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings,
+                 audit: AuditLog | None = None) -> None:
         super().__init__(name="dicomshare-monitor", daemon=True)
         self.engine = engine
         self.settings = settings
@@ -75,6 +80,9 @@ class MonitorWorker(threading.Thread):
         self.lock = threading.Lock()
         self.client = httpx.Client(follow_redirects=False, trust_env=False, timeout=httpx.Timeout(
             wh.timeout_seconds(), connect=min(3.0, wh.timeout_seconds())))
+        # Appends from several handles and processes chain safely, so a handle of its own
+        # does when the caller has none to share.
+        self.audit = audit if audit is not None else AuditLog.open(settings, engine)
 
     def run(self) -> None:
         pruned = 0.0
@@ -120,7 +128,7 @@ class MonitorWorker(threading.Thread):
 
     def _send(self, pk: int) -> None:
         try:
-            wh.attempt(self.engine, pk, self.client)
+            wh.attempt(self.engine, pk, self.client, self.audit)
         except Exception:
             log.exception("webhook delivery %s failed", pk)
         finally:
@@ -237,6 +245,8 @@ def _new_to(conn: Connection, vis: Visibility, study_uid: str, sops: list[str]
 def _fan_out_stored(conn: Connection, settings: Settings, event_pk: int,
                     at: datetime | None, payload: dict[str, Any]) -> None:
     hooks = _hooks(conn, events.NEW_STUDY) + _hooks(conn, events.NEW_SERIES)
+    cohorts = cohort.all_watches(conn)
+    followers = _Followers(conn)
     org_vis: dict[int, Visibility] = {}
     base = server_link(settings).rstrip("/") + settings.dicomweb_root.rstrip("/")
     for entry in payload.get("studies", []):
@@ -265,12 +275,9 @@ def _fan_out_stored(conn: Connection, settings: Settings, event_pk: int,
                               "series_url": f"{base}/studies/{study}/series/{series}"})
         patient_id, issuer = (entry.get("patient") or ["", ""])[:2]
         for watch in watched_by(conn, patient_id, issuer):
-            found = _user_visibility(conn, watch.user_pk)
-            if found is None:
-                continue
-            who, vis = found
-            study_new, _ = _new_to(conn, vis, study, sops)
-            if study_new and who.organisation_pk is not None:
+            found = followers.new_to(watch.user_pk, study, sops)
+            who = found[0] if found else None
+            if who is not None and who.organisation_pk is not None:
                 # The subject goes by e-mail: no PatientID, no label (either may be PHI).
                 notify(conn, who.organisation_pk, who.user_pk, "watch-new-study",
                        "A new study of a patient you follow arrived",
@@ -278,3 +285,55 @@ def _fan_out_stored(conn: Connection, settings: Settings, event_pk: int,
                         "patient_id": watch.patient_id,
                         "issuer_of_patient_id": watch.issuer_of_patient_id,
                         "study_instance_uid": study})
+        if cohorts:
+            _fan_out_cohorts(conn, cohorts, followers, study, sops)
+
+
+def _fan_out_cohorts(conn: Connection, watches: list[cohort.CohortWatch],
+                     followers: _Followers, study: str, sops: list[str]) -> None:
+    """Notify each cohort watch whose query the study matches, over what its follower may
+    see, when the study is new to that follower: once per watch and study, since only
+    the first arrival a follower may see is new to it."""
+    everything = cohort.study_facts(conn, study)
+    seen: dict[int, cohort.StudyFacts | None] = {}
+    for watch in watches:
+        if not watch.query.matches(everything):  # cannot match what the follower sees
+            continue
+        found = followers.new_to(watch.user_pk, study, sops)
+        if found is None:
+            continue
+        who, vis = found
+        if who.organisation_pk is None:
+            continue
+        if watch.user_pk not in seen:  # what this follower may see of the study
+            seen[watch.user_pk] = cohort.study_facts(conn, study, vis)
+        if watch.query.matches(seen[watch.user_pk]):
+            # Details: UIDs, the watch's own id and label; the e-mail only the subject.
+            notify(conn, who.organisation_pk, who.user_pk, cohort.KIND, cohort.SUBJECT,
+                   {"watch_id": watch.id, "label": watch.label,
+                    "study_instance_uid": study})
+
+
+class _Followers:
+    """Watchers' visibility and what is new to them, computed once per event."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.users: dict[int, tuple[Principal, Visibility] | None] = {}
+        self.new: dict[tuple[int, str], bool] = {}
+
+    def _user(self, user_pk: int) -> tuple[Principal, Visibility] | None:
+        if user_pk not in self.users:
+            self.users[user_pk] = _user_visibility(self.conn, user_pk)
+        return self.users[user_pk]
+
+    def new_to(self, user_pk: int, study: str, sops: list[str]
+               ) -> tuple[Principal, Visibility] | None:
+        """The follower and its visibility, if it may search and the study is new to it;
+        else None."""
+        found = self._user(user_pk)
+        if found is None:
+            return None
+        if (user_pk, study) not in self.new:
+            self.new[user_pk, study] = _new_to(self.conn, found[1], study, sops)[0]
+        return found if self.new[user_pk, study] else None

@@ -35,7 +35,7 @@ from dicomshare.storage import schema as s
 log = logging.getLogger(__name__)
 
 KINDS = ("share-used", "inbox-new", "inbox-decided", "consult-updated", "upload-received",
-         "watch-new-study")
+         "watch-new-study", "watch-cohort-study")
 n = s.notification
 
 # Older queued rows are not mailed (e.g. when SMTP is configured on a server that queued

@@ -67,7 +67,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         worker = ExportWorker(app.state.exports, identities, grants)
         worker.start()
         start_mailer(archive.index.engine, settings)  # e-mails queued notifications
-        start_monitor(archive.index.engine, settings)  # webhooks and watchlists
+        start_monitor(archive.index.engine, settings,  # webhooks and watchlists
+                      app.state.access.audit_log)
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
         worker.stop()

@@ -3,7 +3,9 @@
 - webhooks: an organisation's admins (MANAGE_ORGANISATION) subscribe URLs to events,
   read each delivery and its attempts, and ask for a re-delivery;
 - watchlist: a user who may search studies follows patients and is notified of their new
-  studies (``GET /api/notifications?kind=watch-new-study``).
+  studies (``GET /api/notifications?kind=watch-new-study``), or follows cohort queries
+  (``/api/watchlist/cohorts``) and is notified of new matching studies it may see
+  (``kind=watch-cohort-study``).
 
 Another organisation's webhook, another user's watch: 404, exactly like a missing one.
 Every change is audited.
@@ -20,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from dicomshare.access.policy import Action, Principal
 from dicomshare.access.service import Access
 from dicomshare.errors import DicomshareError
+from dicomshare.monitoring.cohort import CohortWatch, CohortWatchlist
 from dicomshare.monitoring.events import EVENTS
 from dicomshare.monitoring.watch import Watchlist
 from dicomshare.monitoring.webhooks import Webhooks
@@ -30,7 +33,8 @@ from dicomshare.web.app import requires
 
 def _start_monitor(request: Request) -> None:
     """The monitoring worker of this process (also started by the app's lifespan)."""
-    start_monitor(request.app.state.archive.index.engine, request.app.state.settings)
+    start_monitor(request.app.state.archive.index.engine, request.app.state.settings,
+                  request.app.state.access.audit_log)
 
 
 router = APIRouter(dependencies=[Depends(_start_monitor)])
@@ -46,6 +50,12 @@ def _webhooks(request: Request) -> Webhooks:
 def _watchlist(request: Request) -> Watchlist:
     state = request.app.state
     return app_service(state, "watchlist", lambda: Watchlist(state.archive.index.engine))
+
+
+def _cohorts(request: Request) -> CohortWatchlist:
+    state = request.app.state
+    return app_service(state, "cohort_watchlist",
+                       lambda: CohortWatchlist(state.archive.index.engine))
 
 
 async def _audit(request: Request, action: str, who: Principal, details: dict[str, Any],
@@ -111,14 +121,64 @@ async def get_delivery(request: Request, webhook_id: int, delivery_id: int,
 @router.post("/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver", status_code=202)
 async def redeliver(request: Request, webhook_id: int, delivery_id: int,
                     who: Admin) -> dict[str, Any]:
-    found = await run_in_threadpool(_webhooks(request).redeliver, who, webhook_id,
-                                    delivery_id)
-    await _audit(request, "webhook.redeliver", who, {"webhook_id": webhook_id,
-                                                     "delivery_id": delivery_id})
+    ids = {"webhook_id": webhook_id, "delivery_id": delivery_id}
+    try:
+        found = await run_in_threadpool(_webhooks(request).redeliver, who, webhook_id,
+                                        delivery_id)
+    except DicomshareError as exc:
+        await _audit(request, "webhook.redeliver", who, ids | {"reason": exc.reason},
+                     "denied")
+        raise
+    # The attempt itself is audited by the sender (webhook.delivered ...).
+    await _audit(request, "webhook.redeliver", who, {"event": found["event"]} | ids)
     return found
 
 
-# -- watchlist ---------------------------------------------------------------------------
+# -- watchlist: cohort watches first (/watchlist/{watch_id} would take "cohorts") -------
+class CohortWatchCreate(BaseModel):
+    query: dict[str, Any] = Field(description="filters: Modality, BodyPartExamined, "
+                                  "StudyDescription, PatientSex, min_age, max_age, "
+                                  "organisation (docs/monitoring.md)")
+    label: str | None = Field(None, max_length=200)
+
+
+def _cohort_json(request: Request, watches: list[CohortWatch]) -> list[dict[str, Any]]:
+    names = _cohorts(request).organisation_names() if any(
+        x.query.cohort.organisations for x in watches) else {}
+    return [x.as_json(names) for x in watches]
+
+
+@router.post("/watchlist/cohorts", status_code=201)
+async def follow_cohort(request: Request, body: CohortWatchCreate,
+                        who: Searcher) -> dict[str, Any]:
+    watch = await run_in_threadpool(_cohorts(request).follow, who, body.query, body.label)
+    [found] = await run_in_threadpool(_cohort_json, request, [watch])
+    await _audit(request, "watch.cohort.create", who, found)
+    return found
+
+
+@router.get("/watchlist/cohorts")
+async def list_cohort_watches(request: Request, who: Searcher) -> list[dict[str, Any]]:
+    watches = await run_in_threadpool(_cohorts(request).listing, who)
+    return await run_in_threadpool(_cohort_json, request, watches)
+
+
+@router.get("/watchlist/cohorts/{watch_id}")
+async def get_cohort_watch(request: Request, watch_id: int, who: Searcher) -> dict[str, Any]:
+    watch = await run_in_threadpool(_cohorts(request).get, who, watch_id)
+    [found] = await run_in_threadpool(_cohort_json, request, [watch])
+    return found
+
+
+@router.delete("/watchlist/cohorts/{watch_id}", status_code=204)
+async def unfollow_cohort(request: Request, watch_id: int, who: Searcher) -> Response:
+    watch = await run_in_threadpool(_cohorts(request).unfollow, who, watch_id)
+    [found] = await run_in_threadpool(_cohort_json, request, [watch])
+    await _audit(request, "watch.cohort.delete", who, found)
+    return Response(status_code=204)
+
+
+# -- patient watches -----------------------------------------------------------------------
 class WatchCreate(BaseModel):
     patient_id: str = Field(min_length=1, max_length=64)
     issuer: str = Field("", max_length=64)
