@@ -191,11 +191,11 @@ class DeidViews:
     def is_deidentified(self, secret: str) -> bool:
         """Whether the link with this secret is de-identified (False when there is none).
         Kept per secret: the flag of a link never changes, and unknown secrets stay unknown."""
-        from dicomshare.sharing.links import link_digest
+        from dicomshare.sharing.common import secret_digest
 
         if not 20 <= len(secret) <= 128:
             return False
-        digest = link_digest(secret)
+        digest = secret_digest(secret)
         with self._lock:
             found = self._flags.get(digest)
             if found is not None:

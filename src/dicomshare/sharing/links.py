@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from dicomshare import clock
 from dicomshare.access.grants import live_grants, owns, resharing_grant
 from dicomshare.access.policy import Action, LiveGrant, Principal, check
+from dicomshare.access.throttle import AddressThrottle
 from dicomshare.config import Settings
 from dicomshare.errors import (
     DicomshareError,
@@ -45,7 +46,6 @@ from dicomshare.errors import (
     InvalidInput,
     Locked,
     NotFound,
-    TooManyRequests,
 )
 from dicomshare.keys import load_or_create_key
 from dicomshare.monitoring.events import emit
@@ -56,8 +56,7 @@ from dicomshare.storage import schema as s
 if TYPE_CHECKING:
     from dicomshare.access.service import Access
 
-__all__ = ["LINK_PERMISSIONS", "Link", "LinkGone", "LinkLocked", "LinkStore", "PinRequired",
-           "link_digest"]
+__all__ = ["LINK_PERMISSIONS", "Link", "LinkGone", "LinkLocked", "LinkStore", "PinRequired"]
 
 LINK_PERMISSIONS = ("view", "download", "upload")
 MAX_DAYS = 365
@@ -66,7 +65,7 @@ MAX_STUDIES = 500
 SESSION_HOURS = 12
 USE_WINDOW_SECONDS = 30 * 60  # a session-less client counts one use per address per window
 # Per client address, failures (unknown secrets, wrong PINs) within the window before
-# further attempts are refused with 429 (share_link_failure rows; the PIN lock is per link).
+# further attempts are refused with 429 (access/throttle.py; the PIN lock is per link).
 ADDRESS_MAX_FAILURES = 30
 ADDRESS_WINDOW_SECONDS = 600
 
@@ -91,8 +90,6 @@ class PinRequired(DicomshareError):
     http_status = 401
 
 
-TooManyTries = TooManyRequests  # an address failed too often (429)
-link_digest = secret_digest
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,8 @@ class LinkStore:
         self.access = access
         self._key = key or load_or_create_key(Path(settings.data_dir) / "secrets"
                                                / "share-links.key")
-        self._pruned_at = 0.0
+        self._throttle = AddressThrottle(engine, "share-link", ADDRESS_MAX_FAILURES,
+                                         ADDRESS_WINDOW_SECONDS)
         self._counted: dict[tuple[int, str], float] = {}
         self._counted_lock = threading.Lock()
         self._pin_ok: dict[tuple[int, str], float] = {}  # (link, HMAC of PIN) -> verified at
@@ -300,7 +298,7 @@ class LinkStore:
                 self._may_share(conn, who, mine, uid, None, grant_perms)
             result = conn.execute(insert(_L).values(
                 organisation_pk=who.organisation_pk, created_by_user_pk=who.user_pk,
-                secret_hash=link_digest(secret), label=(label or None),
+                secret_hash=secret_digest(secret), label=(label or None),
                 patient_id=patient[0] if patient else None,
                 issuer_of_patient_id=(patient[1] or None) if patient else None,
                 permissions=",".join(perms), pin_hash=pin_hash, max_uses=max_uses,
@@ -381,7 +379,7 @@ class LinkStore:
         if not 20 <= len(secret) <= 128:
             return None
         with self.engine.connect() as conn:
-            row = conn.execute(_SELECT.where(_L.c.secret_hash == link_digest(secret))).first()
+            row = conn.execute(_SELECT.where(_L.c.secret_hash == secret_digest(secret))).first()
             if row is None:
                 return None
             return _link(row, _studies_of(conn, [row[0]])[row[0]])
@@ -441,31 +439,12 @@ class LinkStore:
 
     # -- PINs, uses, rate limits ---------------------------------------------------------------
     def throttled(self, source: str | None) -> None:
-        """TooManyTries when this address failed too often lately (rows in
-        ``share_link_failure``, so every server process counts alike)."""
-        now = clock.now()
-        window = timedelta(seconds=ADDRESS_WINDOW_SECONDS)
-        f = s.share_link_failure
-        with self.engine.connect() as conn:
-            # The limit holds until the oldest of the latest failures leaves the window.
-            pivot = conn.execute(select(f.c.at).where(f.c.source == (source or "-"),
-                                                      f.c.at >= now - window)
-                                 .order_by(f.c.at.desc()).offset(ADDRESS_MAX_FAILURES - 1)
-                                 .limit(1)).scalar()
-        if pivot is None:
-            return
-        wait = max(1, int((clock.aware(pivot) + window - now).total_seconds()) + 1)
-        raise TooManyTries(f"too many failed attempts from this address; try again in "
-                           f"{(wait + 59) // 60} minute(s)", wait)
+        """TooManyRequests when this address failed too often lately (every server
+        process counts alike)."""
+        self._throttle.check(source, "too many failed attempts from this address")
 
     def failed(self, source: str | None) -> None:
-        f = s.share_link_failure
-        now = clock.now()
-        with self.engine.begin() as conn:
-            conn.execute(insert(f).values(at=now, source=(source or "-")[:255]))
-            if time.monotonic() - self._pruned_at > 600:
-                self._pruned_at = time.monotonic()
-                conn.execute(delete(f).where(f.c.at < now - timedelta(days=1)))
+        self._throttle.failed(source)
 
     def check_pin(self, link: Link, pin: str) -> int | None:
         """None when the PIN is right; otherwise the attempts left (0: now locked).

@@ -12,7 +12,7 @@ instances belong to the link's organisation and every archive rule applies (no s
 overwrite, no adding to another organisation's study without an add-series grant).
 
 State lives in the database and on disk, never in a process: any HTTP worker can take the
-next chunk of any file. Only the throttle of bad secrets is per process.
+next chunk of any file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-import threading
-import time
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from dicomshare import clock
 from dicomshare.access.policy import Principal, Visibility
 from dicomshare.access.service import Access
-from dicomshare.access.sessions import TooManyAttempts
+from dicomshare.access.throttle import AddressThrottle
 from dicomshare.archive import StoreResult
 from dicomshare.config import Settings
 from dicomshare.errors import (
@@ -50,6 +48,7 @@ from dicomshare.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
 )
 from dicomshare.sharing.common import new_secret, secret_digest
 from dicomshare.sharing.notify import notify
@@ -66,9 +65,10 @@ ZIP_MAX_MEMBERS = 10_000
 ZIP_MAX_RATIO = 50
 ZIP_MAX_LINK_FACTOR = 4
 _MAX_DIRECTORY_ENTRY = 46 + 3 * 1024  # a central directory entry: header, name, extra, comment
-# Bad secrets from one address (per process) before that address is refused for a while.
+# Bad secrets from one address before that address is refused for a while (counted in the
+# database: every server process alike).
 BAD_SECRET_LIMIT = 20
-BAD_SECRET_WINDOW = 600.0  # seconds
+BAD_SECRET_WINDOW = 600  # seconds
 # At most one "upload received" notification per link in this interval, unless the sender
 # says a batch is complete (POST /upload/{secret}/done).
 NOTIFY_EVERY = timedelta(minutes=10)
@@ -190,8 +190,8 @@ class Uploads:
         self.access = access
         self.settings = settings
         self.root = settings.data_dir / "uploads"
-        self._failures: dict[str, list[float]] = {}
-        self._failures_lock = threading.Lock()
+        self._throttle = AddressThrottle(engine, "upload-link", BAD_SECRET_LIMIT,
+                                         BAD_SECRET_WINDOW)
 
     # -- the specialist's side -----------------------------------------------------------
     def create(self, who: Principal, *, label: str | None, expires_in_days: int,
@@ -282,14 +282,14 @@ class Uploads:
     def resolve(self, secret: str, source: str | None, purpose: str) -> UploadLink:
         """The usable link a secret names. Unknown secrets count against the address, an
         expired or revoked link raises LinkGone (410); both are audited."""
-        self._throttle(source, purpose)
+        self._check_address(source, purpose)
         link = None
         if 20 <= len(secret) <= 100:
             with self.engine.connect() as conn:
                 row = conn.execute(_LINKS.where(L.c.secret_hash == secret_digest(secret))).first()
             link = _link(row) if row is not None else None
         if link is None:
-            self._bad_secret(source)
+            self._throttle.failed(source)
             self.access.record("upload-link.use", None, "denied", details={
                 "reason": "unknown upload link secret", "source": source, "purpose": purpose})
             raise NotFound("no such upload link")
@@ -596,27 +596,14 @@ class Uploads:
                {"upload_link": link.id, "label": link.label, "files": len(rows),
                 **totals.as_json()})
 
-    def _throttle(self, source: str | None, purpose: str) -> None:
-        key = source or "?"
-        now = time.monotonic()
-        with self._failures_lock:
-            recent = [t for t in self._failures.get(key, []) if now - t < BAD_SECRET_WINDOW]
-            self._failures[key] = recent
-            if len(recent) < BAD_SECRET_LIMIT:
-                return
-            wait = int(BAD_SECRET_WINDOW - (now - recent[0])) + 1
-        self.access.record("upload-link.use", None, "denied", details={
-            "reason": "too many unknown upload link secrets from this address",
-            "source": source, "purpose": purpose})
-        raise TooManyAttempts("too many unknown upload links from your address; try again "
-                              "later", wait)
-
-    def _bad_secret(self, source: str | None) -> None:
-        key = source or "?"
-        with self._failures_lock:
-            if len(self._failures) > 10000:
-                self._failures.clear()
-            self._failures.setdefault(key, []).append(time.monotonic())
+    def _check_address(self, source: str | None, purpose: str) -> None:
+        try:
+            self._throttle.check(source, "too many unknown upload links from your address")
+        except TooManyRequests:
+            self.access.record("upload-link.use", None, "denied", details={
+                "reason": "too many unknown upload link secrets from this address",
+                "source": source, "purpose": purpose})
+            raise
 
     def _get(self, link_id: int) -> UploadLink:
         with self.engine.connect() as conn:

@@ -150,6 +150,8 @@ remote_ae = Table(
     Column("organisation_pk", Integer, ForeignKey("organisation.pk")),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("scopes", String(100), nullable=False, server_default="read,write"),
+    # Called over DICOM TLS only (dimse/tls.py); its port is then its TLS port.
+    Column("tls", Boolean, nullable=False, server_default=false()),
 )
 
 # -- ownership and grants (access/policy.py) ------------------------------------------------
@@ -370,15 +372,16 @@ share_link_study = Table(
     Column("study_instance_uid", String(64), primary_key=True),
 )
 
-share_link_failure = Table(
-    "share_link_failure",
+address_failure = Table(
+    "address_failure",
     metadata,
-    # Failed share-link attempts (unknown secret, wrong PIN) by client address, for the
-    # per-address limit shared by every server process (sharing/links.py).
+    # Failed attempts at a secret (share link, PIN, upload link) by client address, for
+    # limits shared by every server process (access/throttle.py).
     Column("pk", Integer, primary_key=True),
+    Column("scope", String(32), nullable=False),
+    Column("source", String(255), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
-    Column("source", String(255)),
-    Index("ix_share_link_failure_source", "source", "at"),
+    Index("ix_address_failure", "scope", "source", "at"),
 )
 
 inbox_item = Table(

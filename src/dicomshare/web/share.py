@@ -47,7 +47,7 @@ from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import parse_qido
-from dicomshare.errors import Forbidden, InvalidInput, NotFound
+from dicomshare.errors import Forbidden, InvalidInput, NotFound, TooManyRequests
 from dicomshare.sharing import deid_view
 from dicomshare.sharing.common import app_service
 from dicomshare.sharing.deid_view import DeidViews
@@ -57,7 +57,6 @@ from dicomshare.sharing.links import (
     LinkLocked,
     LinkStore,
     PinRequired,
-    TooManyTries,
 )
 from dicomshare.storage.base import StoredInstance
 from dicomshare.web.app import client_of
@@ -135,7 +134,7 @@ def _pin_page(secret: str, status: int = 200, error: str | None = None) -> HTMLR
                  f"<button type=\"submit\">Open</button></form>")
 
 
-def _throttled_page(exc: TooManyTries) -> HTMLResponse:
+def _throttled_page(exc: TooManyRequests) -> HTMLResponse:
     return _page(429, "Too many attempts", f"<p>{html.escape(exc.reason)}</p>",
                  {"Retry-After": str(exc.retry_after)})
 
@@ -172,7 +171,7 @@ def _basic_password(request: Request) -> str | None:
 
 def _find(store: LinkStore, secret: str, source: str | None, request: Request) -> Link:
     """The link, or NotFound (audited, and counted against the address). An address
-    that failed too often gets TooManyTries, unless it holds a session of this link."""
+    that failed too often gets TooManyRequests, unless it holds a session of this link."""
     path = request.url.path
     link = store.find(secret)
     if link is None or not store.session_valid(link, request.cookies.get(COOKIE)):
@@ -248,7 +247,7 @@ def _page_link(request: Request, secret: str, what: str, allow_exhausted: bool
     source = client_of(request)
     try:
         link = _find(store, secret, source, request)
-    except TooManyTries as exc:
+    except TooManyRequests as exc:
         return _throttled_page(exc)
     except NotFound:
         return _not_found_page()

@@ -22,11 +22,11 @@ from starlette.requests import ClientDisconnect
 
 from dicomshare import clock
 from dicomshare.access.policy import Action, Principal
-from dicomshare.access.sessions import TooManyAttempts
 from dicomshare.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     UnsupportedMediaType,
 )
 from dicomshare.sharing.common import app_service
@@ -158,7 +158,7 @@ async def upload_page(request: Request, secret: str) -> Response:
     uploads = uploads_of(request.app)
     try:
         link = await run_in_threadpool(uploads.resolve, secret, client_of(request), "page")
-    except TooManyAttempts as exc:
+    except TooManyRequests as exc:
         page = _page(429, "Too many attempts", exc.reason)
         page.headers["Retry-After"] = str(exc.retry_after)
         return page

@@ -1,5 +1,6 @@
 """Issuer qualifiers (IssuerOfPatientIDQualifiersSequence) on studies and patient records;
-the patient sync's gaps; watches on cohort queries.
+the patient sync's gaps; watches on cohort queries; one table of failed attempts per
+address (share links and upload links) instead of share_link_failure.
 
 Revision ID: 0010
 Revises: 0009
@@ -42,6 +43,17 @@ def upgrade() -> None:
                          {"u": found, "pk": pk})
     if rows:  # records are re-derived with the new qualifiers on the next sync
         conn.execute(sa.text("UPDATE patient_record SET last_study_pk = 0"))
+    op.drop_index("ix_share_link_failure_source", table_name="share_link_failure")
+    op.drop_table("share_link_failure")  # recent failures only: nothing worth carrying over
+    op.create_table(
+        "address_failure",
+        sa.Column("pk", sa.Integer(), nullable=False),
+        sa.Column("scope", sa.String(length=32), nullable=False),
+        sa.Column("source", sa.String(length=255), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("pk"),
+    )
+    op.create_index("ix_address_failure", "address_failure", ["scope", "source", "at"])
     op.create_table(
         "patient_sync_gap",
         sa.Column("study_pk", sa.Integer(), autoincrement=False, nullable=False),
@@ -59,11 +71,27 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("pk"),
     )
     op.create_index("ix_cohort_watch_user", "cohort_watch", ["user_pk"])
+    # Remote AEs called over DICOM TLS only (dimse/tls.py).
+    with op.batch_alter_table("remote_ae") as batch:
+        batch.add_column(sa.Column("tls", sa.Boolean(), nullable=False,
+                                   server_default=sa.false()))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("remote_ae") as batch:
+        batch.drop_column("tls")
     op.drop_index("ix_cohort_watch_user", table_name="cohort_watch")
     op.drop_table("cohort_watch")
     op.drop_table("patient_sync_gap")
+    op.drop_index("ix_address_failure", table_name="address_failure")
+    op.drop_table("address_failure")
+    op.create_table(
+        "share_link_failure",
+        sa.Column("pk", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("source", sa.String(length=255), nullable=True),
+        sa.PrimaryKeyConstraint("pk"),
+    )
+    op.create_index("ix_share_link_failure_source", "share_link_failure", ["source", "at"])
     op.drop_column("patient_record", "issuer_universal_id")
     op.drop_column("study", "issuer_universal_id")
