@@ -468,7 +468,8 @@ def test_api_lists_the_organisations_peers(server: Server, qrscp: QRPeer) -> Non
     titles = {ae["ae_title"]: ae for ae in response.json()}
     assert titles["QRSCP"] == {"ae_title": "QRSCP", "host": "127.0.0.1",
                                "port": qrscp.peer.port, "description": None,
-                               "organisation": "test", "scopes": ["read", "write"]}
+                               "organisation": "test", "scopes": ["read", "write"],
+                               "tls": False}
     assert server.session("dsh_wrong").get(f"{server.url}/api/remote-aes").status_code == 401
     assert requests.get(f"{server.url}/api/remote-aes", timeout=10).status_code == 401
     # credentials are checked before the body is looked at

@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="our AE title (default DICOMSHARE)")
     serve.add_argument("--dicom-accept-unknown", action="store_const", const=True,
                        help="accept associations from AE titles that are not registered")
+    serve.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (PS3.15 Annex B; "
+                       "2762 is the registered one), 0 disables (default 0)")
+    serve.add_argument("--dicom-tls-cert", metavar="FILE", help="our TLS certificate (PEM); "
+                       "also our client certificate for peers registered with --tls")
+    serve.add_argument("--dicom-tls-key", metavar="FILE", help="its private key (PEM, "
+                       "unencrypted)")
+    serve.add_argument("--dicom-tls-ca", metavar="FILE", help="CA certificates (PEM): "
+                       "clients of the TLS port must present a certificate they signed, and "
+                       "TLS peers are verified against them (default: the system CAs)")
     serve.add_argument("--workers", type=int,
                        help="HTTP worker processes (default: one per CPU, at most 4)")
 
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                         "%(message)s", stream=sys.stderr)
     overrides = {k: getattr(args, k, None) for k in
                  ("data_dir", "database_url", "http_host", "http_port", "cors_origins",
-                  "workers", "dicom_port", "dicom_host", "ae_title", "dicom_accept_unknown")}
+                  "workers", "dicom_port", "dicom_host", "ae_title", "dicom_accept_unknown",
+                  "dicom_tls_port", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca")}
     if overrides["data_dir"]:
         overrides["data_dir"] = Path(overrides["data_dir"])
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -156,8 +166,9 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     workers = settings.workers or min(4, os.cpu_count() or 1)
     # The DICOM service runs once, in this process (the supervisor when there are several
     # HTTP workers), on this archive.
-    dicom = _start_dicom(settings, archive) if settings.dicom_port else None
-    if settings.dicom_port and dicom is None:
+    wanted = bool(settings.dicom_port or settings.dicom_tls_port)
+    dicom = _start_dicom(settings, archive) if wanted else None
+    if wanted and dicom is None:
         return 1
     try:
         if workers > 1:
@@ -183,18 +194,22 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _start_dicom(settings: Settings, archive: Archive) -> DicomService | None:
-    """The DIMSE SCP (dimse/scp.py), listening; None (reported) when the port is taken."""
+    """The DIMSE SCP (dimse/scp.py), listening; None (reported) when a port is taken or
+    the TLS settings are unusable."""
     from dicomshare.dimse.scp import DicomService
 
     service = DicomService(settings, archive)
     try:
         service.start()
-    except OSError as exc:
-        print(f"error: cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+    except DicomshareError as exc:
+        print(f"error: {exc.reason}", file=sys.stderr)
         return None
-    print(f"DICOM: AE {settings.ae_title} on {settings.dicom_host}:{service.port}",
-          file=sys.stderr, flush=True)
+    except OSError as exc:
+        where = exc.filename or f"{settings.dicom_host}:{settings.dicom_port}"
+        print(f"error: cannot listen for DICOM on {where}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return None
+    print(f"DICOM: {service.describe()}", file=sys.stderr, flush=True)
     return service
 
 

@@ -103,6 +103,8 @@ def add_parsers(sub: Any) -> None:
     ae_add.add_argument("--scope", default="read,write",
                         help="what it may do when it calls: read (find, move, get), write "
                         "(store); default both")
+    ae_add.add_argument("--tls", action="store_true", help="call it over DICOM TLS only "
+                        "(--port is then its TLS port; see --dicom-tls-* of serve)")
     ae_add.add_argument("--replace", action="store_true", help="update an existing entry")
     ae_remove = ae.add_parser("remove", help="forget a peer")
     ae_remove.add_argument("title")
@@ -338,18 +340,18 @@ def _ae(archive: Archive, args: argparse.Namespace) -> int:
     registry = AERegistry(archive.index.engine)
     if args.action == "add":
         ae = registry.add(args.title, args.host, args.port, args.description, args.replace,
-                          args.org, args.scope)
+                          args.org, args.scope, tls=args.tls)
         _audit(archive, "config.remote-ae", {"ae_title": ae.ae_title, "host": ae.host,
                                              "port": ae.port, "organisation": ae.organisation,
-                                             "scopes": list(ae.scopes)})
-        print(f"registered {ae.ae_title} at {ae.host}:{ae.port} for {ae.organisation}",
-              file=sys.stderr)
+                                             "scopes": list(ae.scopes), "tls": ae.tls})
+        print(f"registered {ae.ae_title} at {ae.host}:{ae.port}{' (TLS)' if ae.tls else ''} "
+              f"for {ae.organisation}", file=sys.stderr)
     elif args.action == "remove":
         registry.remove(args.title)
         _audit(archive, "config.remote-ae", {"ae_title": args.title, "removed": True})
         print(f"removed {args.title}", file=sys.stderr)
     else:
         for ae in registry.all():
-            print(f"{ae.ae_title}\t{ae.host}\t{ae.port}\t{ae.organisation or ''}\t"
-                  f"{','.join(ae.scopes)}\t{ae.description or ''}")
+            print(f"{ae.ae_title}\t{ae.host}\t{ae.port}\t{'tls' if ae.tls else 'plain'}\t"
+                  f"{ae.organisation or ''}\t{','.join(ae.scopes)}\t{ae.description or ''}")
     return 0

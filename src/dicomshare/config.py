@@ -43,6 +43,18 @@ class Settings:
     dicom_max_pdu: int = 262144  # bytes; 0: unlimited
     dicom_max_associations: int = 16
     dicom_timeout: int = 60  # seconds: ACSE, DIMSE and network timeouts
+    # Accepted associations wait on their socket and queues instead of polling
+    # (dimse/reactor.py); false falls back to pynetdicom's own loops.
+    dicom_event_loops: bool = True
+    # DICOM TLS (PS3.15 Annex B; dimse/tls.py). A second listener on dicom_tls_port (0: none;
+    # 2762 is the registered port) with this certificate and key (PEM). The CA file, when
+    # set, makes client certificates required (mutual TLS) and verifies TLS peers we call;
+    # without it they are verified against the system CAs. Certificate and key are also
+    # presented as our client certificate to peers registered with --tls.
+    dicom_tls_port: int = 0
+    dicom_tls_cert: str = ""
+    dicom_tls_key: str = ""
+    dicom_tls_ca: str = ""
     log_level: str = "info"
     # Access and audit (docs/security.md).
     # Key of the audit trail's HMAC chain; empty: <data_dir>/secrets/audit.key (made once).

@@ -4,7 +4,9 @@ An AE title is the only name a DICOM peer gives; the registry ties it to a host 
 (for C-MOVE destinations and ``dicomshare send``) and to the organisation it acts for:
 what it stores belongs to that organisation, and it finds and retrieves what that
 organisation may see, within its scopes (read, write). Unknown callers are refused at
-association time unless the server runs with ``--dicom-accept-unknown``.
+association time unless the server runs with ``--dicom-accept-unknown``. A peer marked
+``tls`` is only ever called over DICOM TLS (``dimse/tls.py``): the internet in between
+must see no patient data.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class RemoteAE:
     organisation_pk: int | None = None
     organisation: str | None = None
     scopes: tuple[str, ...] = ("read", "write")
+    tls: bool = False  # we call it over DICOM TLS (its port is then its TLS port)
 
     def principal(self, source: str | None = None) -> Principal:
         """The AE as a caller: a device of its organisation, limited to its scopes."""
@@ -48,12 +51,12 @@ class RemoteAE:
 
 _COLUMNS = (s.remote_ae.c.ae_title, s.remote_ae.c.host, s.remote_ae.c.port,
             s.remote_ae.c.description, s.remote_ae.c.organisation_pk, s.organisation.c.name,
-            s.remote_ae.c.scopes)
+            s.remote_ae.c.scopes, s.remote_ae.c.tls)
 
 
 def _ae(row: Any) -> RemoteAE:
     return RemoteAE(row[0], row[1], row[2], row[3], row[4], row[5],
-                    tuple(x for x in row[6].split(",") if x))
+                    tuple(x for x in row[6].split(",") if x), bool(row[7]))
 
 
 def check_ae_title(title: str) -> str:
@@ -71,9 +74,9 @@ class AERegistry:
 
     def add(self, ae_title: str, host: str, port: int, description: str | None = None,
             replace: bool = False, organisation: str | None = None,
-            scopes: Iterable[str] | str = ("read", "write")) -> RemoteAE:
+            scopes: Iterable[str] | str = ("read", "write"), tls: bool = False) -> RemoteAE:
         """Register (or with ``replace`` change) a peer. ``organisation`` may be omitted
-        while the archive has exactly one."""
+        while the archive has exactly one; ``tls``: call it over DICOM TLS only."""
         title = check_ae_title(ae_title)
         if not host.strip():
             raise InvalidInput("host is empty")
@@ -82,7 +85,8 @@ class AERegistry:
         wanted = parse_scopes(scopes) & {"read", "write"}
         row = {"host": host.strip(), "port": port, "description": description,
                "organisation_pk": self._organisation(organisation),
-               "scopes": ",".join(sc for sc in ("read", "write") if sc in wanted)}
+               "scopes": ",".join(sc for sc in ("read", "write") if sc in wanted),
+               "tls": bool(tls)}
         with self.engine.begin() as conn:
             exists = conn.execute(select(s.remote_ae.c.pk)
                                   .where(s.remote_ae.c.ae_title == title)).first()

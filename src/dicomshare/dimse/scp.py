@@ -19,6 +19,10 @@ at a time, never pynetdicom's process-wide ``_config`` (the SCU side shares it):
   ``dicomshare ae add`` takes effect without a restart;
 - each presentation context is accepted with the transfer syntax its proposer put first.
 
+With ``dicom_tls_port`` a second listener speaks DICOM TLS (``dimse/tls.py``): the same
+AE title, handlers and registry check, over TLS. Associations we open (C-MOVE
+destinations, commitment reports) use TLS when the peer is registered with ``--tls``.
+
 C-STORE statuses (PS3.4 B.2.3; ErrorComment always says why):
 
     0x0000  stored, or the identical bytes were stored before
@@ -48,7 +52,7 @@ from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
@@ -66,8 +70,8 @@ from dicomshare.config import Settings
 from dicomshare.dicom import pixels, transfer
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import Condition, Kind, Query
-from dicomshare.dimse import translate
-from dicomshare.dimse.aes import AERegistry
+from dicomshare.dimse import reactor, tls, translate
+from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
 from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound, StorageFailure
 from dicomshare.storage.base import StoredInstance, TempBlob
@@ -80,12 +84,14 @@ PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list ch
 MAX_CONTEXTS = 128
 NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
+_PEER = "_dicomshare_peer"  # the RemoteAE an outbound association goes to, when known
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 # -- the service -----------------------------------------------------------------------------
 class DicomService(StorageCommitment):
-    """One listening AE on ``dicom_host:dicom_port``; start() returns at once."""
+    """One AE listening on ``dicom_host:dicom_port`` and, with TLS, on ``dicom_tls_port``
+    (either port may be 0: not that one); start() returns at once."""
 
     def __init__(self, settings: Settings, archive: Archive, access: Access | None = None) -> None:
         self.settings = settings
@@ -99,19 +105,39 @@ class DicomService(StorageCommitment):
         self.access = access
         self.ae = _ArchiveAE(self, settings.ae_title)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self._inboxes: dict[int, _Inbox] = {}
         self._callers: dict[int, Principal] = {}  # association -> who it acts for
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "not started"
-        return int(self._server.server_address[1])
+        """The plain listener's port; 0 when there is none."""
+        return int(self._server.server_address[1]) if self._server else 0
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS listener's port; 0 when there is none."""
+        return int(self._tls_server.server_address[1]) if self._tls_server else 0
+
+    def describe(self) -> str:
+        """Where it listens, for the start-up line."""
+        s = self.settings
+        parts = [f"AE {s.ae_title}" + (f" on {s.dicom_host}:{self.port}" if self._server else "")]
+        if self._tls_server:
+            clients = (f"client certificates required, signed by {s.dicom_tls_ca}"
+                       if s.dicom_tls_ca else "no client certificates asked for")
+            parts.append(f"DICOM TLS on {s.dicom_host}:{self.tls_port} ({clients})")
+        return ", ".join(parts)
 
     def start(self) -> None:
-        """Listen; raises OSError when the address is taken."""
+        """Listen; raises OSError (filename: the address) when an address is taken,
+        InvalidInput when the TLS settings are unusable (before anything listens)."""
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per PDU at INFO
         ae, s = self.ae, self.settings
+        context = tls.server_context(s) if s.dicom_tls_port else None
+        if tls.configured(s):
+            tls.client_context(s)  # for TLS peers: fail now, not at the first C-MOVE
         ae.maximum_pdu_size = s.dicom_max_pdu
         ae.maximum_associations = s.dicom_max_associations
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.dicom_timeout
@@ -131,16 +157,31 @@ class DicomService(StorageCommitment):
             (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get), (evt.EVT_N_ACTION, self._on_n_action),
         ]
-        server = ae.start_server((s.dicom_host, s.dicom_port), block=False,
-                                 evt_handlers=handlers)
+        try:
+            if s.dicom_port:
+                self._server = self._listen(s.dicom_port, handlers, None)
+            if context is not None:
+                self._tls_server = self._listen(s.dicom_tls_port, handlers, context)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _listen(self, port: int, handlers: list[Any],
+                context: Any) -> ThreadedAssociationServer:
+        address = (self.settings.dicom_host, port)
+        try:
+            server = self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                          ssl_context=context)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), f"{address[0]}:{port}") from exc
         assert server is not None  # block=False
         server.contexts = _Contexts(server.contexts)
-        self._server = server
+        return server
 
     def stop(self) -> None:
         """Stop listening and end the associations in progress (their temp blobs go)."""
-        self.ae.shutdown()
-        self._server = None
+        self.ae.shutdown()  # every listener this AE started
+        self._server = self._tls_server = None
         with self._lock:
             inboxes = list(self._inboxes.values())
             self._inboxes.clear()
@@ -158,6 +199,8 @@ class DicomService(StorageCommitment):
         with self._lock:
             self._inboxes[id(assoc)] = inbox
         inbox.install()
+        if self.settings.dicom_event_loops:
+            reactor.install(assoc)
 
     def _on_close(self, event: evt.Event) -> None:
         with self._lock:
@@ -304,7 +347,7 @@ class DicomService(StorageCommitment):
             yield 1
             yield translate.query_failure(exc), None
             return
-        yield peer.host, peer.port, {"contexts": _contexts_for(found),
+        yield peer.host, peer.port, {"contexts": _contexts_for(found), _PEER: peer,
                                      "max_pdu": self.settings.dicom_max_pdu}
         yield from self._sub_operations(event, found)
 
@@ -535,20 +578,39 @@ class _NotConnected:
         pass
 
 
-class _ArchiveAE(AE):
-    """pynetdicom's AE; associations it opens send stored instances from their blobs."""
+class _ArchiveAE(reactor.EventLoopAE):
+    """pynetdicom's AE; associations it opens send stored instances from their blobs, and
+    go over TLS to peers registered with ``--tls``; its TLS listener handshakes per
+    connection (tls.TLSServer)."""
 
     def __init__(self, service: DicomService, ae_title: str) -> None:
         super().__init__(ae_title)
         self._service = service
+        self.event_loops = service.settings.dicom_event_loops
+
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ssl_context") is not None:
+            kwargs["server_class"] = tls.TLSServer
+        return super().make_server(*args, **kwargs)
 
     def associate(self, *args: Any, **kwargs: Any) -> Association:
+        """Every association the SCP opens comes here (C-MOVE sub-operations, storage
+        commitment reports): the one place that decides TLS for them."""
         if kwargs.pop(_NO_CONNECT, False):
             return cast(Association, _NotConnected())
+        settings = self._service.settings
+        peer: RemoteAE | None = kwargs.pop(_PEER, None)
+        if peer is None and kwargs.get("ae_title"):
+            peer = self._service.registry.get(str(kwargs["ae_title"]))
+        handshake = tls.for_peer(settings, peer)
+        if handshake is not None:
+            kwargs["tls_args"] = handshake.tls_args
         kwargs["evt_handlers"] = [*(kwargs.get("evt_handlers") or []),
                                   (evt.EVT_CONN_OPEN, _no_delay)]
-        kwargs.setdefault("max_pdu", self._service.settings.dicom_max_pdu)
+        kwargs.setdefault("max_pdu", settings.dicom_max_pdu)
         assoc = super().associate(*args, **kwargs)
+        if handshake is not None and handshake.error and not assoc.is_established:
+            log.warning("cannot associate with %s: %s", kwargs["ae_title"], handshake.error)
         assoc.dul._run_loop_delay = 0.0005  # see _Inbox.install
         _send_from_blobs(self._service, assoc)
         assoc._dicomshare_outbound = True  # type: ignore[attr-defined]

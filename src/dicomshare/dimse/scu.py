@@ -10,6 +10,11 @@ Sending streams the stored bytes unchanged (pynetdicom's chunked file mode), so 
 peer receives is byte-identical to what we stored; only when the peer refuses the stored
 transfer syntax of uncompressed data do we let pynetdicom re-encode it (implicit <->
 explicit VR little endian).
+
+Peers registered with ``--tls`` are called over DICOM TLS (``dimse/tls.py``) by
+:func:`_association`, the one place associations are opened here; a failed handshake is
+a PeerUnavailable that says why (certificate not trusted, wrong host name, not a TLS
+port, our client certificate refused).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE, _config, evt, sop_class
+from pynetdicom import _config, evt, sop_class
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context, build_role
@@ -45,7 +50,9 @@ from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dicom import transfer
 from dicomshare.dicom.json import dataset_to_json
+from dicomshare.dimse import tls
 from dicomshare.dimse.aes import RemoteAE
+from dicomshare.dimse.reactor import EventLoopAE
 from dicomshare.errors import (
     DicomshareError,
     InvalidQuery,
@@ -168,7 +175,8 @@ def _association(settings: Settings, remote: RemoteAE, contexts: list[Presentati
                  roles: Sequence[Any] = (),
                  handlers: Sequence[tuple[Any, ...]] = ()) -> Iterator[Association]:
     """An established association (released afterwards) or PeerUnavailable with the cause."""
-    ae = AE(ae_title=settings.ae_title)
+    ae = EventLoopAE(ae_title=settings.ae_title)
+    ae.event_loops = settings.dicom_event_loops
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dicom_timeout
     ae.connection_timeout = settings.dicom_timeout
     ae.maximum_pdu_size = settings.dicom_max_pdu
@@ -179,16 +187,22 @@ def _association(settings: Settings, remote: RemoteAE, contexts: list[Presentati
         _nodelay(_event)
 
     where = f"{remote.ae_title} at {remote.host}:{remote.port}"
+    handshake = tls.for_peer(settings, remote)
+    if handshake is not None:
+        where += " (TLS)"
     try:
         assoc = ae.associate(remote.host, remote.port, contexts=contexts,
                              ae_title=remote.ae_title, max_pdu=settings.dicom_max_pdu,
                              ext_neg=list(roles),
                              evt_handlers=[(evt.EVT_CONN_OPEN, opened),
                                            (evt.EVT_ACSE_RECV, _on_acse, [seen]),
-                                           *handlers])
+                                           *handlers],
+                             tls_args=handshake.tls_args if handshake else None)
     except (OSError, ValueError, RuntimeError) as exc:  # e.g. a host name that does not resolve
         raise PeerUnavailable(f"cannot associate with {where}: {exc}") from exc
     if not assoc.is_established:
+        if handshake is not None and handshake.error:
+            raise PeerUnavailable(f"{where}: {handshake.error}")
         kind, why = _why_not(assoc, seen, settings)
         raise kind(f"{where}: {why}")
     try:

@@ -46,6 +46,7 @@ class RemoteAEModel(BaseModel):
     organisation: str | None = None
     scopes: list[str] = Field(description="what the peer may do when it calls us: read "
                               "(C-FIND, C-MOVE, C-GET), write (C-STORE)")
+    tls: bool = Field(False, description="we call it over DICOM TLS only (port: its TLS port)")
 
 
 class RemoteAEUpdate(BaseModel):
@@ -55,6 +56,8 @@ class RemoteAEUpdate(BaseModel):
     organisation: str | None = Field(None, description="superusers only: the organisation "
                                      "the peer acts for (default: the caller's)")
     scopes: list[Literal["read", "write"]] = ["read", "write"]
+    tls: bool = Field(False, description="call it over DICOM TLS only (PS3.15 Annex B); "
+                      "port is then its TLS port")
 
 
 class FindRequest(BaseModel):
@@ -132,7 +135,7 @@ def _context(request: Request) -> tuple[Archive, Settings, AERegistry]:
 def _model(ae: RemoteAE) -> RemoteAEModel:
     return RemoteAEModel(ae_title=ae.ae_title, host=ae.host, port=ae.port,
                          description=ae.description, organisation=ae.organisation,
-                         scopes=list(ae.scopes))
+                         scopes=list(ae.scopes), tls=ae.tls)
 
 
 @router.get("/remote-aes", response_model=list[RemoteAEModel])
@@ -156,9 +159,11 @@ async def put_remote_ae(request: Request, title: str, body: RemoteAEUpdate,
             and body.organisation != who.organisation:
         raise Forbidden("only superusers register peers for other organisations")
     ae = await run_in_threadpool(registry.add, title, body.host, body.port, body.description,
-                                 True, body.organisation or who.organisation, body.scopes)
+                                 True, body.organisation or who.organisation, body.scopes,
+                                 body.tls)
     await _audit(request, "config.remote-ae", who, {"ae_title": ae.ae_title, "host": ae.host,
-                                             "port": ae.port, "scopes": list(ae.scopes)})
+                                             "port": ae.port, "scopes": list(ae.scopes),
+                                             "tls": ae.tls})
     return _model(ae)
 
 

@@ -1,0 +1,223 @@
+"""Event-driven loops for the associations the SCP accepts.
+
+pynetdicom runs two threads per association and both poll: the upper layer (DUL) sleeps
+between looks at its socket and queues, the association thread sleeps 1 ms between looks
+for a complete DIMSE message. Every C-STORE pays those sleeps on its way in and its
+response on its way out, and every idle association wakes thousands of times a second,
+so several modalities at once mostly fight over the GIL.
+
+:func:`install` (called before the association's threads start: on the SCP when a peer
+connects, in :class:`EventLoopAE` for the associations we open) makes both threads wait
+for what they wait for instead:
+
+- the DUL thread blocks in ``select()`` on its socket and on a wake-up socket pair, which
+  is written to whenever a primitive is queued for it to send;
+- the association thread blocks on an event set whenever the DUL hands it a DIMSE
+  message or an ACSE primitive (release, abort).
+
+Both still wake at least every ``_TICK`` seconds, for what nothing signals (timers, a
+dead peer thread, a kill from elsewhere). The loops keep pynetdicom's steps and their
+order, including the pause checkpoint that C-GET / C-MOVE senders rely on; only the
+waiting differs. Tied to pynetdicom 3.0's internals (as scp.py is): the version is pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AddressInformation, AssociationSocket
+
+log = logging.getLogger(__name__)
+
+_TICK = 0.01  # seconds: the longest wait without a signal
+
+
+class _SignalQueue(queue.Queue[Any]):
+    """A queue that calls ``signal`` after every put."""
+
+    def __init__(self, signal: Callable[[], None]) -> None:
+        super().__init__()
+        self._signal = signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._signal()
+
+
+class _Waker:
+    """A socket pair: a byte written to one end makes ``select()`` on the other return."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already full of wake-ups, or closed at the end
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def install(assoc: Association) -> None:
+    """Replace the polling of an accepted association's two threads (before they start)."""
+    dul = assoc.dul
+    if dul.is_alive():  # too late to change its loop: leave this association as it is
+        return
+    waker = _Waker()
+    news = threading.Event()
+    dul.to_provider_queue = _SignalQueue(waker.wake)
+    dul.to_user_queue = _SignalQueue(news.set)
+    assoc.dimse.msg_queue = _SignalQueue(news.set)
+    # threading.Thread keeps the target pynetdicom bound at __init__ in _target.
+    setattr(dul, "_target", lambda: _run_dul(dul, waker))  # noqa: B010
+    setattr(assoc, "_run_reactor", lambda: _run_association(assoc, news))  # noqa: B010
+
+
+class EventLoopAE(AE):
+    """pynetdicom's AE whose outbound associations get the event-driven loops: the socket
+    is made after the association and before its threads start, the one place to hook."""
+
+    event_loops = True
+
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        if self.event_loops:
+            install(assoc)
+        return sock
+
+
+def _run_dul(dul: Any, waker: _Waker) -> None:
+    """The DUL loop: send what is queued or read what arrived, one step at a time, then
+    run the state machine's event; wait only when there was nothing to do."""
+    dul._idle_timer.start()
+    try:
+        while True:
+            if not dul.assoc._dul_ready.is_set():
+                dul.assoc._dul_ready.set()
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    pass
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+            except Exception:
+                log.exception("upper layer failed; aborting the association")
+                _abort(dul)
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                _wait(dul, waker)
+                continue
+            dul.state_machine.do_action(event)
+    finally:
+        waker.close()
+
+
+def _wait(dul: Any, waker: _Waker) -> None:
+    """Until the socket is readable, a primitive is queued, or a tick passes."""
+    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    sock = getattr(dul.socket, "socket", None)
+    if sock is None:
+        time.sleep(0.001)
+        return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes select() cannot see
+    try:
+        select.select([sock, waker.reader], [], [], _TICK)
+    except (OSError, ValueError):  # closed under us: the next step notices
+        time.sleep(0.001)
+        return
+    waker.drain()
+
+
+def _abort(dul: Any) -> None:
+    """What pynetdicom does when its loop fails: an A-ABORT, then both threads end."""
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02
+    pdu.reason_diagnostic = 0x00
+    try:
+        dul.socket.send(pdu.encode())
+    except Exception:  # the peer may be gone already
+        pass
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True
+
+
+def _run_association(assoc: Any, news: threading.Event) -> None:
+    """The acceptor loop: serve each complete DIMSE message, answer a release, notice an
+    abort, a dead DUL or the network timeout. Between messages it counts as paused (it
+    touches no queue until it has passed the checkpoint), so a sender holding the
+    checkpoint never waits for it to wake."""
+    dimse, acse, dul = assoc.dimse, assoc.acse, assoc.dul
+    assoc._is_paused = False
+    while not assoc._kill:
+        assoc._is_paused = True
+        if dimse.msg_queue.empty() and dul.to_user_queue.empty():
+            news.wait(_TICK)
+        news.clear()
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+
+        context_id, msg = dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+
+        if assoc.is_established and acse.is_release_requested():
+            acse.send_release(is_response=True)
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+        if acse.is_aborted():
+            dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for the abort
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+        if not dul.is_alive():
+            assoc.kill()
+            return
+        if dul.idle_timer_expired():
+            log.error("DICOM network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
