@@ -6,6 +6,7 @@ each backend (SQLite and PostgreSQL): QIDO must answer identically everywhere.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +377,32 @@ def test_library_bad_numeric_match_is_refused(library: Archive) -> None:
     for params in ({"SeriesNumber": "abc"}, {"SeriesNumber": "1*"}):
         with pytest.raises(InvalidQuery):
             run(library, Level.SERIES, params)
+
+
+def test_hostile_wildcards_answer_at_once(loaded: Server) -> None:
+    """A pattern that makes a backtracking matcher explode (``*A*A*...B`` against a long run
+    of A) is matched in the server's memory for sequence attributes: it must answer at once
+    and correctly, not tie up a worker."""
+    hostile = "*A" * 30 + "*B"
+    started = time.monotonic()
+    r = qido(loaded, "/studies", {"ProcedureCodeSequence.CodeValue": hostile})
+    assert r.status_code == 200, r.text
+    assert r.json() == [] if r.content else True
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("pattern,text,expected", [
+    ("AB*", "ABC", True), ("*B*", "ABC", True), ("A?C", "ABC", True), ("A?C", "AC", False),
+    ("*", "", True), ("", "", True), ("?", "", False), ("*C", "ABC", True), ("*C", "ABD", False),
+    ("A**C", "AC", True), ("*A*A*B", "AAAAAAAB", True),
+    ("*A" * 30 + "*B", "A" * 80, False), ("?*?", "AB", True), ("?*?", "A", False),
+])
+def test_wildcard_match(pattern: str, text: str, expected: bool) -> None:
+    from dicomshare.dicom.matching import wildcard_match
+
+    started = time.monotonic()
+    assert wildcard_match(pattern, text) is expected
+    assert wildcard_match(pattern.lower(), text, case_insensitive=True) is expected
+    assert time.monotonic() - started < 1
+    assert wildcard_match("a*c", "ABC") is False
+    assert wildcard_match("a*c", "ABC", case_insensitive=True) is True

@@ -177,9 +177,29 @@ def int_param(name: str, raw: str, low: int, high: int) -> int:
     return value
 
 
-def wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
-    parts = ["." if c == "?" else ".*" if c == "*" else re.escape(c) for c in pattern]
-    return re.compile("^" + "".join(parts) + "$", re.IGNORECASE if case_insensitive else 0)
+def wildcard_match(pattern: str, text: str, case_insensitive: bool = False) -> bool:
+    """Does ``text`` match a DICOM wildcard pattern (``*`` any run, ``?`` one character)?
+
+    In time proportional to len(pattern) x len(text) at worst: a regular expression of the
+    pattern backtracks exponentially on hostile ones (``*a*a*a*a*...b``), and patterns come
+    from clients (QIDO-RS, C-FIND, cohort watches)."""
+    if case_insensitive:
+        pattern, text = pattern.lower(), text.lower()
+    p = t = 0
+    star, resume = -1, 0  # the last * seen, and where in text it is trying from
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", text[t]):
+            p += 1
+            t += 1
+        elif star >= 0:  # let the last * take one more character and retry from there
+            resume += 1
+            p, t = star + 1, resume
+        else:
+            return False
+    return all(ch == "*" for ch in pattern[p:])
 
 
 def matches_value(cond: Condition, value: str | None, fuzzy: bool = False) -> bool:
@@ -196,7 +216,7 @@ def matches_value(cond: Condition, value: str | None, fuzzy: bool = False) -> bo
                        for part in re.split(r"[\^=\s]", value) if part)
         return value.lower() == cond.value.lower() if ci else value == cond.value
     if cond.kind is Kind.WILDCARD:
-        return bool(wildcard_regex(cond.value, ci).match(value))
+        return wildcard_match(cond.value, value, ci)
     if cond.kind is Kind.LIST:
         return value in cond.value
     low, high = cond.value

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from dicomshare import clock
 from dicomshare.access.grants import live_grants
 from dicomshare.access.policy import Action, Principal, Visibility, visibility
-from dicomshare.dicom.matching import wildcard_regex
+from dicomshare.dicom.matching import wildcard_match
 from dicomshare.errors import Conflict, InvalidInput, InvalidQuery
 from dicomshare.monitoring import events
 from dicomshare.monitoring.watch import UserRows
@@ -81,8 +81,8 @@ class CohortFilter:
                 return False
             if c.age_max is not None and facts.age > c.age_max:
                 return False
-        if self.description is not None and not wildcard_regex(
-                self.description, True).match(facts.description or ""):
+        if self.description is not None and not wildcard_match(
+                self.description, facts.description or "", True):
             return False
         # Series-level filters hold together on one series (a CT of the chest, not a CT
         # and a chest X-ray), stored by one of the organisations asked for.
