@@ -594,6 +594,57 @@ def test_find_can_be_cancelled(dicom: Server, catalog: dict[str, Any]) -> None:
         assoc.release()
 
 
+def test_find_across_pages_while_studies_arrive(dicom: Server) -> None:
+    """More matches than one page of the index, and new matching studies stored during the
+    C-FIND (each sorts first, pushing the rest back): every match once, none repeated."""
+    from test_auth import store
+
+    template = pydicom.dcmread(sample("CT_small.dcm"))
+
+    def instance(date: str) -> tuple[str, bytes]:
+        ds = copy.deepcopy(template)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyDate, ds.PatientID = date, "PAGING"
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return ds.StudyInstanceUID, buffer.getvalue()
+
+    before: set[str] = set()
+    for _ in range(3):  # 600 studies of 2011, more than one page (500)
+        made = [instance("20110101") for _ in range(200)]
+        assert store(dicom, *(data for _, data in made)).status_code == 200
+        before |= {uid for uid, _ in made}
+    stop, arrived = threading.Event(), []
+
+    def keep_storing() -> None:  # studies of 2099: first in the index's order
+        while not stop.is_set():
+            uid, data = instance("20990101")
+            if store(dicom, data).status_code == 200:
+                arrived.append(uid)
+
+    writer = threading.Thread(target=keep_storing, daemon=True)
+    writer.start()
+    try:
+        wait_for(lambda: len(arrived) >= 3, "studies arriving")
+        assoc = associate(dicom, [build_context(STUDY_FIND)])
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = \
+                "STUDY", "PAGING", ""
+            found = [str(ds.StudyInstanceUID) for status, ds in
+                     assoc.send_c_find(query, STUDY_FIND) if status.Status == 0xFF00]
+        finally:
+            assoc.release()
+        during = len(arrived)
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert during > 3, "no study arrived during the C-FIND"
+    assert len(found) == len(set(found)), f"{len(found) - len(set(found))} matches repeated"
+    assert before <= set(found)
+
+
 # -- C-MOVE and C-GET ---------------------------------------------------------------------
 def test_movescu_to_storescp(dicom: Server, sent: dict[str, Path],
                              storescp: tuple[str, Path]) -> None:

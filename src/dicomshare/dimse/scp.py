@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
 PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
+PAGE_OVERLAP = 50  # matches each C-FIND page re-reads of the page before (see _on_find)
 MAX_CONTEXTS = 128
 NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
@@ -304,14 +305,24 @@ class DicomService(StorageCommitment):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             yield translate.query_failure(exc), None
             return
-        query, offset = request.query, 0
+        # Pages by offset over an index that may change meanwhile: a study stored (or
+        # deleted) ahead of the read position shifts the rest by one. Each page re-reads
+        # the last PAGE_OVERLAP matches of the one before, and matches already sent are
+        # skipped, so a match is neither sent twice nor lost to a few concurrent changes.
+        query, offset, sent = request.query, 0, set()
+        unique = f"{translate.UNIQUE_KEY[query.level]:08X}"
         while True:
             try:
-                query.limit, query.offset = PAGE, offset
+                query.limit, query.offset = PAGE, max(0, offset - PAGE_OVERLAP)
                 page = self.access.search(self._caller(event.assoc), query,
                                           audit=offset == 0)
-                found = [translate.result_dataset(r, request, self.settings.ae_title)
-                         for r in page]
+                found = []
+                for r in page:
+                    key = (_json_value(r, unique), _json_value(r, "00100021"))
+                    if key not in sent:
+                        sent.add(key)
+                        found.append(translate.result_dataset(r, request,
+                                                              self.settings.ae_title))
             except Exception as exc:  # noqa: BLE001
                 yield translate.query_failure(exc), None
                 return
@@ -322,7 +333,7 @@ class DicomService(StorageCommitment):
                 yield PENDING, ds
             if len(page) < PAGE:
                 return
-            offset += PAGE
+            offset = max(0, offset - PAGE_OVERLAP) + PAGE
 
     # -- C-MOVE and C-GET ------------------------------------------------------------------
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -414,6 +425,11 @@ class DicomService(StorageCommitment):
                 places.append((translate.first_value(row, "0020000D"),
                                translate.first_value(row, "0020000E")))
         return places
+
+
+def _json_value(row: dict[str, Any], tag: str) -> str | None:
+    values = (row.get(tag) or {}).get("Value") or [None]
+    return None if values[0] is None else str(values[0])
 
 
 # -- receiving: data sets straight into blobs --------------------------------------------
