@@ -11,8 +11,11 @@ Where pynetdicom does not do what an archive needs, this module adjusts one asso
 at a time, never pynetdicom's process-wide ``_config`` (the SCU side shares it):
 
 - a received C-STORE data set is written into an archive temp blob as it arrives, after
-  the Part 10 header built from the request: memory stays bounded per association, the
-  stored file is the received bytes, and an aborted transfer leaves nothing behind;
+  the Part 10 header built from the request (inbox.py): memory stays bounded per
+  association, the stored file is the received bytes, and an aborted transfer leaves
+  nothing behind;
+- associations wait on their sockets and queues instead of polling (reactor.py);
+- TLS listeners and TLS to peers registered with ``--tls`` (tls.py);
 - C-MOVE and C-GET sub-operations send the stored bytes from the blob (decompressed
   only when the peer accepted nothing but uncompressed syntaxes for that instance);
 - the calling AE title is checked against the registry on every association, so
@@ -39,7 +42,6 @@ C-STORE statuses (PS3.4 B.2.3; ErrorComment always says why):
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import socket
 import tempfile
@@ -54,9 +56,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta, encode_file_meta, split_dataset
+from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
@@ -73,7 +74,8 @@ from dicomshare.dicom.matching import Condition, Kind, Query
 from dicomshare.dimse import reactor, tls, translate
 from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
-from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound, StorageFailure
+from dicomshare.dimse.inbox import PREAMBLE, Inbox, Sink
+from dicomshare.errors import DicomshareError, Forbidden, InvalidInput, NotFound
 from dicomshare.storage.base import StoredInstance, TempBlob
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,6 @@ MAX_CONTEXTS = 128
 NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
 _PEER = "_dicomshare_peer"  # the RemoteAE an outbound association goes to, when known
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class DicomService(StorageCommitment):
         self.ae = _ArchiveAE(self, settings.ae_title)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
-        self._inboxes: dict[int, _Inbox] = {}
+        self._inboxes: dict[int, Inbox] = {}
         self._callers: dict[int, Principal] = {}  # association -> who it acts for
         self._lock = threading.Lock()
 
@@ -196,7 +197,7 @@ class DicomService(StorageCommitment):
         assoc = event.assoc
         if not assoc.is_acceptor:
             return
-        inbox = _Inbox(self.archive, assoc)
+        inbox = Inbox(self.archive, assoc)
         with self._lock:
             self._inboxes[id(assoc)] = inbox
         inbox.install()
@@ -257,7 +258,7 @@ class DicomService(StorageCommitment):
             raise Forbidden("the association has no registered caller")
         return who
 
-    def _inbox(self, assoc: Association) -> _Inbox | None:
+    def _inbox(self, assoc: Association) -> Inbox | None:
         with self._lock:
             return self._inboxes.get(id(assoc))
 
@@ -286,11 +287,11 @@ class DicomService(StorageCommitment):
     def _received(self, event: evt.Event) -> TempBlob:
         """The temp blob holding the received object as a Part 10 file."""
         data = cast(C_STORE, event.request).DataSet
-        if isinstance(data, _Sink) and data.streaming:
+        if isinstance(data, Sink) and data.streaming:
             return data.take()
         temp = self.archive.new_temp()  # not streamed: pynetdicom kept it in memory
         try:
-            temp.write(_PREAMBLE + encode_file_meta(event.file_meta))
+            temp.write(PREAMBLE + encode_file_meta(event.file_meta))
             temp.write(data.getvalue() if data is not None else b"")
         except Exception as exc:
             self.archive.blobs.discard(temp)  # type: ignore[arg-type]
@@ -432,146 +433,6 @@ def _json_value(row: dict[str, Any], tag: str) -> str | None:
     return None if values[0] is None else str(values[0])
 
 
-# -- receiving: data sets straight into blobs --------------------------------------------
-class _Inbox:
-    """Per association: the temp blobs being received, and work to do after a response."""
-
-    def __init__(self, archive: Archive, assoc: Association) -> None:
-        self.archive = archive
-        self.assoc = assoc
-        self.lock = threading.Lock()
-        self.open: set[_Sink] = set()
-        self._after: list[Callable[[], None]] = []
-
-    def install(self) -> None:
-        """Give each new DIMSE message a _Sink for its data set; run after-response work
-        once pynetdicom has sent the response of the request being served."""
-        dimse, assoc = self.assoc.dimse, self.assoc
-        receive, serve = dimse.receive_primitive, assoc._serve_request
-        # The upper layer polls its socket; pynetdicom's 1 ms between polls is a large
-        # share of a C-STORE's time. 0.5 ms halves that; shorter makes busy associations fight
-        # over the GIL.
-        assoc.dul._run_loop_delay = 0.0005
-
-        def receive_primitive(primitive: Any) -> None:
-            if dimse.message is None:
-                message = DIMSEMessage()
-                message.data_set = _Sink(self, message)
-                dimse.message = message
-            receive(primitive)
-
-        def serve_request(msg: Any, context_id: int) -> None:
-            serve(msg, context_id)
-            while self._after:
-                work = self._after.pop(0)
-                assoc._is_paused = True  # lets send_* run from the reactor thread
-                try:
-                    work()
-                except Exception:
-                    log.exception("after-response work failed")
-                finally:
-                    assoc._is_paused = False
-
-        setattr(dimse, "receive_primitive", receive_primitive)  # noqa: B010
-        setattr(assoc, "_serve_request", serve_request)  # noqa: B010
-
-    def after_response(self, work: Callable[[], None]) -> None:
-        self._after.append(work)
-
-    def begin(self, sink: _Sink, message: Any) -> bool:
-        """Give a C-STORE data set a temp blob holding the Part 10 header; False for any
-        other message (or a context pynetdicom will refuse anyway)."""
-        if not isinstance(message, C_STORE_RQ):
-            return False
-        cx = self.assoc._accepted_cx.get(cast(int, message.context_id))
-        if cx is None:
-            return False
-        command = message.command_set
-        meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
-                                sop_instance_uid=command.AffectedSOPInstanceUID,
-                                transfer_syntax=cx.transfer_syntax[0])
-        header = _PREAMBLE + encode_file_meta(meta)
-        temp = self.archive.new_temp()
-        try:
-            temp.write(header)
-        except BaseException:
-            self.archive.blobs.discard(temp)  # type: ignore[arg-type]
-            raise
-        with self.lock:
-            sink.attach(temp)
-            self.open.add(sink)
-        return True
-
-    def discard_all(self) -> None:
-        """The association ended: whatever was not handed to the archive goes."""
-        with self.lock:
-            sinks, self.open = list(self.open), set()
-            for sink in sinks:
-                sink.discard()
-
-
-class _Sink(io.BytesIO):
-    """Where pynetdicom writes the data set of a received DIMSE message.
-
-    For a C-STORE the bytes go to an archive temp blob as they arrive; for anything else
-    (identifiers, N-ACTION information) they stay in memory as pynetdicom expects.
-    """
-
-    def __init__(self, inbox: _Inbox, message: Any) -> None:
-        super().__init__()
-        self._inbox = inbox
-        self._message = message
-        self._temp: TempBlob | None = None
-        self._started = False
-        self._error: str | None = None
-        self.streaming = False
-
-    def write(self, data: Any) -> int:
-        if not self._started:
-            self._started = True
-            try:
-                self.streaming = self._inbox.begin(self, self._message)
-            except Exception as exc:  # noqa: BLE001 - never break pynetdicom's reader
-                self._error = f"{type(exc).__name__}: {exc}"
-                self.streaming = True
-                log.warning("cannot receive a C-STORE data set: %s", self._error)
-        if not self.streaming:
-            return super().write(data)
-        with self._inbox.lock:
-            if self._temp is not None and self._error is None:
-                try:
-                    self._temp.write(bytes(data))
-                except Exception as exc:  # noqa: BLE001 - disk full: report it in the status
-                    self._error = f"{type(exc).__name__}: {exc}"
-        return len(data)
-
-    def take(self) -> TempBlob:
-        """Hand the complete blob to the caller (who now owns it); raises when it is gone."""
-        with self._inbox.lock:
-            self._inbox.open.discard(self)
-            temp, self._temp = self._temp, None
-            error = self._error
-        if temp is None or error is not None:
-            if temp is not None:
-                self._inbox.archive.blobs.discard(temp)  # type: ignore[arg-type]
-            raise StorageFailure(f"could not receive the data set: {error or 'association ended'}")
-        return temp
-
-    def attach(self, temp: TempBlob) -> None:
-        """Called with the inbox lock held: the blob receiving this data set."""
-        if self._error is None:
-            self._temp = temp
-        else:  # the association ended meanwhile
-            self._inbox.archive.blobs.discard(temp)  # type: ignore[arg-type]
-
-    def discard(self) -> None:
-        """Called with the inbox lock held."""
-        if self._temp is not None:
-            self._inbox.archive.blobs.discard(self._temp)  # type: ignore[arg-type]
-            self._temp = None
-        self._error = self._error or "association ended"
-
-
 # -- sending: stored bytes ---------------------------------------------------------------
 class _Stored(Dataset):
     """A stored instance in pynetdicom's retrieve loop (which wants a Dataset); the
@@ -627,7 +488,7 @@ class _ArchiveAE(reactor.EventLoopAE):
         assoc = super().associate(*args, **kwargs)
         if handshake is not None and handshake.error and not assoc.is_established:
             log.warning("cannot associate with %s: %s", kwargs["ae_title"], handshake.error)
-        assoc.dul._run_loop_delay = 0.0005  # see _Inbox.install
+        assoc.dul._run_loop_delay = 0.0005  # see Inbox.install
         _send_from_blobs(self._service, assoc)
         assoc._dicomshare_outbound = True  # type: ignore[attr-defined]
         return assoc
