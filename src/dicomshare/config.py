@@ -46,6 +46,9 @@ class Settings:
     # Accepted associations wait on their socket and queues instead of polling
     # (dimse/reactor.py); false falls back to pynetdicom's own loops.
     dicom_event_loops: bool = True
+    # Seconds between pending C-MOVE / C-GET responses (progress; the first and the final
+    # response always go). 0: one after every sub-operation, as pynetdicom does.
+    dicom_pending_interval: float = 0.5
     # DICOM TLS (PS3.15 Annex B; dimse/tls.py). A second listener on dicom_tls_port (0: none;
     # 2762 is the registered port) with this certificate and key (PEM). The CA file, when
     # set, makes client certificates required (mutual TLS) and verifies TLS peers we call;
@@ -108,6 +111,8 @@ def _convert(name: str, raw: str) -> Any:
         return Path(raw)
     if kind == "int":
         return int(raw)
+    if kind == "float":
+        return float(raw)
     if kind == "bool":
         return raw.strip().lower() in ("1", "true", "yes", "on")
     if kind == "tuple[str, ...]":
