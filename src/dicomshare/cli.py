@@ -9,6 +9,7 @@ wrong, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -164,12 +165,20 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
                                    log_level=settings.log_level, access_log=False,
                                    timeout_keep_alive=30)
     workers = settings.workers or min(4, os.cpu_count() or 1)
-    # The DICOM service runs once, in this process (the supervisor when there are several
-    # HTTP workers), on this archive.
+    # The DICOM service runs in this process; with several HTTP workers (and
+    # dicom_in_workers), in each worker instead, on a shared port: this process only
+    # checks here that the ports are free and the settings usable, then lets go.
     wanted = bool(settings.dicom_port or settings.dicom_tls_port)
     dicom = _start_dicom(settings, archive) if wanted else None
     if wanted and dicom is None:
         return 1
+    in_workers = dicom is not None and workers > 1 and settings.dicom_in_workers
+    if in_workers and dicom is not None:
+        dicom.stop()
+        dicom = None
+        settings = dataclasses.replace(settings, dicom_reuse_port=True)
+        print(f"DICOM: served by each of the {workers} worker processes",
+              file=sys.stderr, flush=True)
     try:
         if workers > 1:
             # Worker processes rebuild the settings from the environment.

@@ -46,6 +46,11 @@ class Settings:
     # Accepted associations wait on their socket and queues instead of polling
     # (dimse/reactor.py); false falls back to pynetdicom's own loops.
     dicom_event_loops: bool = True
+    # With several HTTP worker processes, each also listens for DICOM on the same port(s)
+    # (SO_REUSEPORT; the kernel spreads associations over them): several modalities at
+    # once use every CPU. False: one listener, in the supervisor process.
+    dicom_in_workers: bool = True
+    dicom_reuse_port: bool = False  # set by `serve` for its workers, not by hand
     # Seconds between pending C-MOVE / C-GET responses (progress; the first and the final
     # response always go). 0: one after every sub-operation, as pynetdicom does.
     dicom_pending_interval: float = 0.5

@@ -456,6 +456,38 @@ class _NotConnected:
         pass
 
 
+class _ReusePort:
+    """Bind with SO_REUSEPORT: each HTTP worker process listens on the same DICOM port."""
+
+    def server_bind(self) -> None:
+        sock: socket.socket = self.socket  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()  # type: ignore[misc]
+
+
+class _SharedServer(_ReusePort, ThreadedAssociationServer):
+    pass
+
+
+class _SharedTLSServer(_ReusePort, tls.TLSServer):
+    pass
+
+
+def serve_in_worker(settings: Settings, archive: Archive, access: Access
+                    ) -> DicomService | None:
+    """This worker process's DICOM listener(s) beside the others (``serve`` checked the
+    ports and settings before starting the workers); None when it cannot listen."""
+    if not settings.dicom_reuse_port or not (settings.dicom_port or settings.dicom_tls_port):
+        return None
+    service = DicomService(settings, archive, access)
+    try:
+        service.start()
+    except (OSError, DicomshareError) as exc:
+        log.error("this worker does not listen for DICOM: %s", exc)
+        return None
+    return service
+
+
 class _ArchiveAE(reactor.EventLoopAE):
     """pynetdicom's AE; associations it opens send stored instances from their blobs, and
     go over TLS to peers registered with ``--tls``; its TLS listener handshakes per
@@ -467,7 +499,10 @@ class _ArchiveAE(reactor.EventLoopAE):
         self.event_loops = service.settings.dicom_event_loops
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("ssl_context") is not None:
+        tls_server = kwargs.get("ssl_context") is not None
+        if self._service.settings.dicom_reuse_port:
+            kwargs["server_class"] = _SharedTLSServer if tls_server else _SharedServer
+        elif tls_server:
             kwargs["server_class"] = tls.TLSServer
         return super().make_server(*args, **kwargs)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
@@ -69,8 +70,13 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         start_mailer(archive.index.engine, settings)  # e-mails queued notifications
         start_monitor(archive.index.engine, settings,  # webhooks and watchlists
                       app.state.access.audit_log)
+        from dicomshare.dimse.scp import serve_in_worker
+
+        dicom = await run_in_threadpool(serve_in_worker, settings, archive, app.state.access)
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
+        if dicom is not None:
+            dicom.stop()
         worker.stop()
         for hook in shutdown_hooks:
             hook()
