@@ -294,6 +294,29 @@ def test_remote_find_at_every_level_as_json(server: Server, qrscp: QRPeer) -> No
     assert [p["00100010"]["Value"][0]["Alphabetic"] for p in patients] == ["SCU^BETA"]
 
 
+def test_remote_find_stops_at_the_limit(server: Server, qrscp: QRPeer) -> None:
+    """After --limit matches the query is cancelled (C-CANCEL): one match of the several,
+    said on stderr (CLI) and in a Warning header (API)."""
+    alpha = next(iter(qrscp.studies))
+    assert len(qrscp.studies[alpha]) >= 2
+    result = server.cli("remote", "find", "QRSCP", "--level", "image", "--study-uid", alpha,
+                        "--json", "--limit", "1")
+    assert len(json.loads(result.stdout)) == 1
+    assert "stopped at --limit 1" in result.stderr, result.stderr
+    api = server.session()
+    r = api.post(f"{server.url}/api/remote-aes/QRSCP/find", timeout=60, json={
+        "level": "image", "keys": {"StudyInstanceUID": alpha}, "limit": 1})
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 1 and "more matches" in r.headers.get("Warning", "")
+    r = api.post(f"{server.url}/api/remote-aes/QRSCP/find", timeout=60, json={
+        "level": "image", "keys": {"StudyInstanceUID": alpha}})
+    assert len(r.json()) == len(qrscp.studies[alpha]) and "Warning" not in r.headers
+    bad = server.cli("remote", "find", "QRSCP", "--limit", "0", check=False)
+    assert bad.returncode == 1 and "limit must be between 1 and 10000" in bad.stderr
+    # The association is still usable after a cancelled query: the next find works.
+    assert alpha in server.cli("remote", "find", "QRSCP").stdout
+
+
 def test_remote_find_bad_input(server: Server, qrscp: QRPeer) -> None:
     result = server.cli("remote", "find", "QRSCP", "-k", "NoSuchKeyword=1", check=False)
     assert result.returncode == 1 and "unknown attribute 'NoSuchKeyword'" in result.stderr

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         rfind.add_argument(flag, dest=key, metavar="VALUE", help=f"match {key}")
     rfind.add_argument("-k", "--key", action="append", default=[], metavar="KEY=VALUE",
                        help="match or return any attribute (keyword or tag; repeatable)")
+    rfind.add_argument("--limit", type=int, default=1000,
+                       help="stop after this many matches (C-CANCEL; default 1000, at most "
+                       "10000)")
     rfind.add_argument("--json", action="store_true", help="print the matches as DICOM JSON")
     rget = ractions.add_parser("retrieve", help="C-MOVE (to us) or C-GET studies into the "
                                "archive")
@@ -415,13 +418,15 @@ def _remote(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: -k {item!r} is not KEY=VALUE", file=sys.stderr)
             return 2
         keys[name.strip()] = value
-    matches = scu.find(settings, peer, args.level, keys, args.model)
+    matches = scu.find(settings, peer, args.level, keys, args.model, args.limit)
     if args.json:
         print(json.dumps(matches, indent=2, ensure_ascii=False))
     else:
         named = [keyword_for_tag(scu.attribute_tag(k)) or k for k in keys]
         _print_table(matches, list(dict.fromkeys(scu.RETURN_KEYS[args.level] + named)))
-    print(f"{len(matches)} match{'es' if len(matches) != 1 else ''}", file=sys.stderr)
+    print(f"{len(matches)} match{'es' if len(matches) != 1 else ''}"
+          + (f" (stopped at --limit {args.limit}; the rest cancelled)" if matches.truncated
+             else ""), file=sys.stderr)
     return 0
 
 

@@ -104,6 +104,8 @@ COMMON_STORAGE = [str(getattr(sop_class, name)) for name in (
     "XRayRadiationDoseSRStorage GrayscaleSoftcopyPresentationStateStorage "
     "EncapsulatedPDFStorage SegmentationStorage TwelveLeadECGWaveformStorage").split()]
 
+FIND_LIMIT = 1000  # matches a C-FIND keeps by default, then C-CANCEL
+MAX_FIND_LIMIT = 10_000
 LEVELS = {"patient": "PATIENT", "study": "STUDY", "series": "SERIES", "image": "IMAGE"}
 MODELS = {"study": STUDY_ROOT_FIND, "patient": PATIENT_ROOT_FIND}
 # Asked for on every query (empty = "return it"), so a table of matches says something.
@@ -362,13 +364,20 @@ def _sop_name(uid: str) -> str:
 
 
 # -- C-FIND ---------------------------------------------------------------------------------
+class Matches(list[dict[str, Any]]):
+    """C-FIND matches; ``truncated`` when the limit was reached and the rest cancelled."""
+
+    truncated = False
+
+
 def find(settings: Settings, remote: RemoteAE, level: str, keys: dict[str, str],
-         model: str | None = None) -> list[dict[str, Any]]:
+         model: str | None = None, limit: int = FIND_LIMIT) -> Matches:
     """C-FIND at a level (patient, study, series, image); each match as DICOM JSON.
 
     ``keys`` maps keywords or 8-digit tags to matching values (PS3.4 C.2.2.2: wildcards,
     ranges; empty asks for the attribute). The model defaults to Study Root, Patient Root
-    for patient-level queries.
+    for patient-level queries. After ``limit`` matches the query is cancelled (C-CANCEL):
+    a broad query to a large PACS neither fills memory nor runs on.
     """
     model = model or ("patient" if level == "patient" else "study")
     if level not in LEVELS:
@@ -377,18 +386,27 @@ def find(settings: Settings, remote: RemoteAE, level: str, keys: dict[str, str],
         raise InvalidQuery(f"unknown information model {model!r}: study or patient")
     if model == "study" and level == "patient":
         raise InvalidQuery("the Study Root model has no patient level; use model patient")
+    if not 1 <= limit <= MAX_FIND_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_FIND_LIMIT}, got {limit}")
     identifier = _identifier(level, keys)
     model_uid = MODELS[model]
-    matches: list[dict[str, Any]] = []
+    matches = Matches()
     with _association(settings, remote, [build_context(model_uid)]) as assoc:
-        for status, found in assoc.send_c_find(identifier, model_uid):
+        for status, found in assoc.send_c_find(identifier, model_uid, msg_id=1):
             if "Status" not in status:
                 raise PeerUnavailable(_lost(remote, settings))
             code = int(status.Status)
             if category(code) == "pending":
+                if matches.truncated:
+                    continue  # sent before the peer saw our C-CANCEL
                 if found is None:
                     raise RemoteError(f"{remote.ae_title} sent a match that cannot be decoded")
                 matches.append(dataset_to_json(found, settings.bulkdata_threshold))
+                if len(matches) >= limit:
+                    matches.truncated = True
+                    assoc.send_c_cancel(1, query_model=model_uid)
+            elif code == 0xFE00 and matches.truncated:
+                break  # cancelled, as asked
             elif code != 0x0000:
                 raise RemoteError(f"{remote.ae_title} failed the query: status 0x{code:04X} "
                                   f"({category(code)}): {explain(code, status, 'find')}")

@@ -68,6 +68,9 @@ class FindRequest(BaseModel):
         default_factory=dict, description="keyword or 8-digit tag -> matching value "
         "(wildcards, ranges); an empty value asks for the attribute",
         examples=[{"PatientName": "DOE*", "StudyDate": "20240101-"}])
+    limit: int = Field(1000, ge=1, le=10_000,
+                       description="matches to return; then the query is cancelled "
+                       "(C-CANCEL) and a Warning header says so")
 
 
 class RetrieveRequest(BaseModel):
@@ -183,16 +186,20 @@ async def _audit(request: Request, action: str, who: Principal, details: dict[st
 
 
 @router.post("/remote-aes/{title}/find", response_model=list[dict[str, Any]])
-async def remote_find(request: Request, title: str, body: FindRequest,
+async def remote_find(request: Request, response: Response, title: str, body: FindRequest,
                       who: RemoteUser) -> list[dict[str, Any]]:
     """C-FIND on the peer; each match as DICOM JSON (PS3.18 F.2)."""
     _, settings, registry = _context(request)
     peer = await run_in_threadpool(registry.usable_by, who, title)
     found = await run_in_threadpool(scu.find, settings, peer, body.level, body.keys,
-                                    body.model)
+                                    body.model, body.limit)
     await _audit(request, "remote.find", who, {"ae_title": peer.ae_title, "level": body.level,
-                                        "keys": body.keys, "matches": len(found)})
-    return found
+                                        "keys": body.keys, "matches": len(found),
+                                        "truncated": found.truncated})
+    if found.truncated:
+        response.headers["Warning"] = (f'299 dicomshare "stopped at limit {body.limit}: '
+                                       'there are more matches; narrow the query"')
+    return list(found)
 
 
 @router.post("/remote-aes/{title}/retrieve", response_model=RetrieveResponse)
