@@ -32,6 +32,17 @@ class _Dropped(Exception):
     """
 
 
+def values(ds: dict[str, Any], tag: str) -> list[Any]:
+    """The values of an attribute in DICOM JSON (``[]`` when absent or empty)."""
+    return list((ds.get(tag) or {}).get("Value") or [])
+
+
+def first(ds: dict[str, Any], tag: str) -> Any:
+    """The first value of an attribute in DICOM JSON, or None."""
+    found = (ds.get(tag) or {}).get("Value") or [None]
+    return found[0]
+
+
 def dataset_to_json(ds: Dataset, bulkdata_threshold: int) -> dict[str, Any]:
     """DICOM JSON of every top-level element whose value converts; the others are left out.
 

@@ -70,6 +70,7 @@ from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dicom import pixels, transfer
 from dicomshare.dicom.attributes import Level
+from dicomshare.dicom.json import first as json_first
 from dicomshare.dicom.matching import Condition, Kind, Query
 from dicomshare.dimse import reactor, tls, translate
 from dicomshare.dimse.aes import AERegistry, RemoteAE
@@ -320,7 +321,7 @@ class DicomService(StorageCommitment):
                                           audit=offset == 0)
                 found = []
                 for r in page:
-                    key = (_json_value(r, unique), _json_value(r, "00100021"))
+                    key = (json_first(r, unique), json_first(r, "00100021"))
                     if key not in sent:
                         sent.add(key)
                         found.append(translate.result_dataset(r, request,
@@ -427,11 +428,6 @@ class DicomService(StorageCommitment):
                 places.append((translate.first_value(row, "0020000D"),
                                translate.first_value(row, "0020000E")))
         return places
-
-
-def _json_value(row: dict[str, Any], tag: str) -> str | None:
-    values = (row.get(tag) or {}).get("Value") or [None]
-    return None if values[0] is None else str(values[0])
 
 
 # -- sending: stored bytes ---------------------------------------------------------------

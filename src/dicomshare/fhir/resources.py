@@ -12,23 +12,15 @@ from typing import Any
 from urllib.parse import quote
 
 from dicomshare import __version__
+from dicomshare.dicom.json import first
 from dicomshare.fhir.ids import PatientKey
 
 FHIR_VERSION = "4.0.1"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 ENDPOINT_ID = "dicomweb"
+value = first  # the first value of an attribute in DICOM JSON, or None
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _GENDER = {"M": "male", "F": "female", "O": "other"}
-
-
-def value(ds: dict[str, Any], tag: str) -> Any:
-    """The first value of an attribute in DICOM JSON, or None."""
-    values = (ds.get(tag) or {}).get("Value") or []
-    return values[0] if values else None
-
-
-def values(ds: dict[str, Any], tag: str) -> list[Any]:
-    return list((ds.get(tag) or {}).get("Value") or [])
 
 
 def fhir_date(da: str | None) -> str | None:

@@ -32,6 +32,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from dicomshare.dicom.json import first
+
 _SEPARATORS = re.compile(r"[^\w]+|_", re.UNICODE)
 _TRANSCRIPTIONS = (("ae", "a"), ("oe", "o"), ("ue", "u"))
 _DATE = re.compile(r"^\d{8}$")
@@ -85,15 +87,16 @@ def other_ids(attributes: str | dict[str, Any] | None) -> list[tuple[str, str]]:
     for item in items[:50]:
         if not isinstance(item, dict):
             continue
-        pid = _first(item, "00100020")
+        pid = _text(item, "00100020")
         if pid:
-            found.append((pid, _first(item, "00100021")))
+            found.append((pid, _text(item, "00100021")))
     return found
 
 
-def _first(ds: dict[str, Any], tag: str) -> str:
-    values = (ds.get(tag) or {}).get("Value") or []
-    return str(values[0]).strip() if values and values[0] is not None else ""
+
+
+def _text(ds: dict[str, Any], tag: str) -> str:
+    return str(first(ds, tag) or "").strip()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from dicomshare.access.policy import Principal, Visibility
 from dicomshare.config import Settings
+from dicomshare.dicom.json import first, values
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import RemoteAE
 from dicomshare.errors import InvalidInput, NotFound, RemoteError
@@ -231,27 +232,20 @@ def _remote_priors(settings: Settings, peers: list[RemoteAE], records: list[Reco
                 errors.append({"remote": peer.ae_title, "error": exc.reason})
                 break
             for m in matches:
-                study_uid = _value(m, "0020000D")
+                study_uid = first(m, "0020000D")
                 if not study_uid or study_uid in seen:
                     continue
-                modalities = _values(m, "00080061")
+                modalities = [str(v) for v in values(m, "00080061") if v]
                 if mods and modalities and not mods & set(modalities):
                     continue
                 seen.add(study_uid)
                 found.append({"source": "remote", "remote": peer.ae_title,
-                              "study_uid": study_uid, "study_date": _value(m, "00080020"),
-                              "study_time": _value(m, "00080030"),
-                              "description": _value(m, "00081030"),
-                              "accession_number": _value(m, "00080050"),
-                              "modalities": modalities, "patient_id": _value(m, "00100020")})
+                              "study_uid": study_uid, "study_date": first(m, "00080020"),
+                              "study_time": first(m, "00080030"),
+                              "description": first(m, "00081030"),
+                              "accession_number": first(m, "00080050"),
+                              "modalities": modalities, "patient_id": first(m, "00100020")})
     found.sort(key=lambda e: (e["study_date"] or "", e["study_time"] or ""), reverse=True)
     return found, errors
 
 
-def _values(ds: dict[str, Any], tag: str) -> list[str]:
-    return [str(v) for v in (ds.get(tag) or {}).get("Value") or [] if v is not None]
-
-
-def _value(ds: dict[str, Any], tag: str) -> str | None:
-    values = _values(ds, tag)
-    return values[0] if values else None

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from dicomshare.access.policy import Principal
 from dicomshare.access.service import Access
 from dicomshare.dicom.attributes import Level, is_valid_uid
+from dicomshare.dicom.json import values
 from dicomshare.dicom.matching import int_param, parse_qido
 from dicomshare.errors import (
     DicomshareError,
@@ -250,7 +251,8 @@ class Fhir:
         return res.imaging_study(study, series, instances, ref)
 
     def bundle(self, kind: str, matches: list[Any], build: Callable[[Any], dict[str, Any]],
-               count: int, offset: int) -> dict[str, Any]:
+               paging: Paging) -> dict[str, Any]:
+        count, offset = paging.count, paging.offset
         page = matches[offset:offset + count]
         params = [(k, v) for k, v in self.request.query_params.multi_items()
                   if k not in ("_count", "_offset")]
@@ -296,6 +298,23 @@ def date_bounds(name: str, raw: str) -> tuple[dt.date | None, dt.date | None]:
     one = dt.timedelta(days=1)
     return {"eq": (start, end), "ge": (start, None), "gt": (end + one, None),
             "le": (None, end), "lt": (None, start - one)}[prefix]
+
+
+class Paging:
+    """The result parameters every search takes: _count, _offset, _format."""
+
+    def __init__(self) -> None:
+        self.count, self.offset = DEFAULT_COUNT, 0
+
+    def take(self, name: str, raw: str) -> bool:
+        """Whether ``name`` was one of them (and is now read)."""
+        if name == "_count":
+            self.count = int_param(name, raw, 0, MAX_COUNT)
+        elif name == "_offset":
+            self.offset = int_param(name, raw, 0, MAX_MATCHES)
+        elif name != "_format":
+            return False
+        return True
 
 
 class DateRange:
@@ -358,19 +377,15 @@ async def read_study(request: Request, study_id: str) -> Response:
 @router.get("/ImagingStudy")
 async def search_studies(request: Request) -> Response:
     def work(ctx: Fhir) -> dict[str, Any]:
-        count, offset = DEFAULT_COUNT, 0
+        paging = Paging()
         uid_sets: list[set[str]] = []
         patient: str | None = None
         dates = DateRange()
         qido: list[tuple[str, str]] = []
         for name, raw in request.query_params.multi_items():
-            if name == "_count":
-                count = int_param(name, raw, 0, MAX_COUNT)
-            elif name == "_offset":
-                offset = int_param(name, raw, 0, MAX_MATCHES)
-            elif name == "_format":
+            if paging.take(name, raw):
                 continue
-            elif name in ("_id", "identifier"):
+            if name in ("_id", "identifier"):
                 uids = set()
                 for system, code in _tokens(name, raw):
                     if name == "identifier" and system not in (None, "", "urn:dicom:uid"):
@@ -415,7 +430,7 @@ async def search_studies(request: Request) -> Response:
                 studies = ctx.studies(qido)
         studies.sort(key=lambda st: (res.value(st, "00080020") or "",
                                      res.value(st, "0020000D")), reverse=True)
-        return ctx.bundle("ImagingStudy", studies, ctx.imaging_study, count, offset)
+        return ctx.bundle("ImagingStudy", studies, ctx.imaging_study, paging)
 
     return await _answer(request, work)
 
@@ -427,7 +442,7 @@ def _study_matches(study: dict[str, Any], qido: list[tuple[str, str]]) -> bool:
     query = parse_qido(Level.STUDY, qido)
     for cond in query.conditions:
         if cond.keyword == "ModalitiesInStudy":
-            have = set(res.values(study, "00080061"))
+            have = set(values(study, "00080061"))
             wanted = set(cond.value) if isinstance(cond.value, tuple) else {cond.value}
             if not have & wanted:
                 return False
@@ -451,7 +466,7 @@ async def read_patient(request: Request, patient_id: str) -> Response:
 @router.get("/Patient")
 async def search_patients(request: Request) -> Response:
     def work(ctx: Fhir) -> dict[str, Any]:
-        count, offset = DEFAULT_COUNT, 0
+        paging = Paging()
         qido: list[tuple[str, str]] = []
         wanted_id: str | None = None
         identifier: tuple[str | None, str] | None = None
@@ -462,13 +477,9 @@ async def search_patients(request: Request) -> Response:
             if name in ("_id", "identifier", "name", "gender") and name in seen:
                 raise InvalidQuery(f"{name} is given more than once")
             seen.add(name)
-            if name == "_count":
-                count = int_param(name, raw, 0, MAX_COUNT)
-            elif name == "_offset":
-                offset = int_param(name, raw, 0, MAX_MATCHES)
-            elif name == "_format":
+            if paging.take(name, raw):
                 continue
-            elif name == "_id":
+            if name == "_id":
                 wanted_id = raw.strip()
             elif name == "identifier":
                 tokens = _tokens(name, raw)
@@ -496,12 +507,12 @@ async def search_patients(request: Request) -> Response:
         if wanted_id is not None:
             lookup = ctx.ids.decode(wanted_id)
             if lookup is None:
-                return ctx.bundle("Patient", [], lambda p: p, count, offset)
+                return ctx.bundle("Patient", [], lambda p: p, paging)
             if lookup.patient_id and not any(k == "PatientID" for k, _ in qido):
                 qido.append(("PatientID", lookup.patient_id + ("" if lookup.exact else "*")))
         if dates.used:
             if dates.empty:
-                return ctx.bundle("Patient", [], lambda p: p, count, offset)
+                return ctx.bundle("Patient", [], lambda p: p, paging)
             qido.append(("PatientBirthDate", dates.qido()))
         groups: dict[PatientKey, list[dict[str, Any]]] = {}
         for study in ctx.studies(qido):
@@ -513,7 +524,7 @@ async def search_patients(request: Request) -> Response:
                    and (gender is None or p["gender"] in gender)
                    and (identifier is None or _has_identifier(p, identifier))]
         matches.sort(key=lambda m: (m[0].get("name", [{}])[0].get("text", ""), m[0]["id"]))
-        return ctx.bundle("Patient", matches, lambda m: ctx.patient(m[1], m[2]), count, offset)
+        return ctx.bundle("Patient", matches, lambda m: ctx.patient(m[1], m[2]), paging)
 
     return await _answer(request, work)
 
