@@ -363,12 +363,15 @@ class Patients:
             return found[0]
 
     def find(self, who: Principal, patient_id: str | None, issuer: str | None = None,
-             name: str | None = None, limit: int = 100) -> list[Record]:
-        """Visible records by PatientID (and issuer) or by a name prefix."""
+             name: str | None = None, limit: int = 100,
+             vis: Visibility | None = None) -> list[Record]:
+        """Visible records by PatientID (and issuer) or by a name prefix. A caller that
+        passes its ``vis`` has synced already (one request, many lookups)."""
         if not patient_id and not name:
             raise InvalidInput("give patient_id or name")
-        self.sync()
-        vis = self.visibility(who)
+        if vis is None:
+            self.sync()
+            vis = self.visibility(who)
         conds: list[Any] = []
         if patient_id:
             conds.append(r.c.patient_id == patient_id)

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from dicomshare.access.policy import Principal
+from dicomshare.access.policy import Principal, Visibility
 from dicomshare.access.service import Access
 from dicomshare.dicom.attributes import Level, is_valid_uid
 from dicomshare.dicom.json import values
@@ -126,6 +126,7 @@ class Fhir:
         self.base = site.rstrip("/") + "/fhir"
         self._org_names: dict[int, str | None] = {}
         self._patients: Patients | None = None
+        self._visibility: Visibility | None = None
 
     @property
     def who(self) -> Principal:
@@ -189,6 +190,13 @@ class Fhir:
             self._patients = found
         return self._patients
 
+    @property
+    def visibility(self) -> Visibility:
+        """What the caller may search, read once per request."""
+        if self._visibility is None:
+            self._visibility = self.patients.visibility(self.who)
+        return self._visibility
+
     def person_links(self, key: PatientKey) -> tuple[list[tuple[str, str]], bool]:
         """(Patient id, link type) to the other Patients of this one's person that the
         caller sees, and whether this Patient is active (False when every record of it
@@ -203,7 +211,7 @@ class Fhir:
         if not key.patient_id:
             return [], True  # an empty PatientID has no record
         patients = self.patients
-        vis = patients.visibility(self.who)
+        vis = self.visibility
         own_id = self.ids.encode(key)
         links: dict[str, str] = {}
 
@@ -215,7 +223,7 @@ class Fhir:
                                           or _LINK_RANK[kind] < _LINK_RANK[known]):
                     links[fhir_id] = kind
 
-        candidates = [x for x in patients.find(self.who, key.patient_id, key.issuer)
+        candidates = [x for x in patients.find(self.who, key.patient_id, key.issuer, vis=vis)
                       if (x.issuer or None) == key.issuer]
         with patients.engine.connect() as conn:
             own: list[Record] = []
