@@ -399,13 +399,19 @@ def rogue(pki: PKI, tmp_path: Path) -> Iterator[int]:
     process.wait(timeout=10)
 
 
+def _rogue_and_a_study(server: Server, rogue: int, tmp_path: Path) -> str:
+    """ROGUE registered as a TLS peer of ``server``, and a new study stored there."""
+    server.cli("ae", "add", "ROGUE", "--host", "127.0.0.1", "--port", str(rogue), "--tls",
+               "--replace")
+    study = generate_uid()
+    server.cli("import", "--quiet", str(make_file(tmp_path, "CT_small.dcm", study)))
+    return study
+
+
 def test_a_tls_peer_whose_certificate_does_not_verify(sites: Sites, rogue: int,
                                                       tmp_path: Path) -> None:
     clinic = sites.clinic
-    clinic.cli("ae", "add", "ROGUE", "--host", "127.0.0.1", "--port", str(rogue), "--tls",
-               "--replace")
-    study = generate_uid()
-    clinic.cli("import", "--quiet", str(make_file(tmp_path, "CT_small.dcm", study)))
+    study = _rogue_and_a_study(clinic, rogue, tmp_path)
     started = time.monotonic()
     result = clinic.cli("send", "--to", "ROGUE", "--quiet", study, check=False)
     assert result.returncode == 1 and time.monotonic() - started < 30
@@ -440,10 +446,7 @@ def test_the_peer_refuses_a_client_without_our_certificate(sites: Sites, pki: PK
 def test_a_c_move_to_a_tls_destination_that_does_not_verify(sites: Sites, rogue: int,
                                                             tmp_path: Path) -> None:
     hospital = sites.hospital
-    hospital.cli("ae", "add", "ROGUE", "--host", "127.0.0.1", "--port", str(rogue), "--tls",
-                 "--replace")
-    study = generate_uid()
-    hospital.cli("import", "--quiet", str(make_file(tmp_path, "CT_small.dcm", study)))
+    study = _rogue_and_a_study(hospital, rogue, tmp_path)
     # (DCMTK's movescu has no TLS; the request comes on the plain port, the sub-association
     # to the destination is TLS all the same)
     result = dcmtk("movescu", "-aet", TOOL, "-aec", "HOSPITAL", "-aem", "ROGUE", "-S",

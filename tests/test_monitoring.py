@@ -431,12 +431,15 @@ def test_share_link_use_fires_share_used(site: Site, receiver: Receiver) -> None
 
 
 # -- watchlists ----------------------------------------------------------------------------
-def _watch_notes(site: Site, who: str) -> list[dict[str, Any]]:
-    r = site.api(who).get(f"{site.server.url}/api/notifications",
-                          params={"kind": "watch-new-study"})
+def _notes(site: Site, who: str, kind: str) -> list[dict[str, Any]]:
+    r = site.api(who).get(f"{site.server.url}/api/notifications", params={"kind": kind})
     assert r.status_code == 200, r.text
     found: list[dict[str, Any]] = r.json()
     return found
+
+
+def _watch_notes(site: Site, who: str) -> list[dict[str, Any]]:
+    return _notes(site, who, "watch-new-study")
 
 
 def test_watchlist_notifies_of_visible_new_studies_only(site: Site) -> None:
@@ -553,11 +556,7 @@ def test_consult_news_reach_both_parties(site: Site, receiver: Receiver) -> None
 
 # -- cohort watches ------------------------------------------------------------------------
 def _cohort_notes(site: Site, who: str) -> list[dict[str, Any]]:
-    r = site.api(who).get(f"{site.server.url}/api/notifications",
-                          params={"kind": "watch-cohort-study"})
-    assert r.status_code == 200, r.text
-    found: list[dict[str, Any]] = r.json()
-    return found
+    return _notes(site, who, "watch-cohort-study")
 
 
 def _wait_cohort_note(site: Site, who: str, study: str, timeout: float = 20.0) -> None:
