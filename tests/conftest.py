@@ -210,6 +210,13 @@ class Server:
                  "--password-stdin", stdin="correct horse battery\n")
         return self.cli("tokens", "create", user).stdout.strip()
 
+    def make_root(self) -> str:
+        """Create the site superuser ``root`` (organisation "site", no password) with the
+        CLI, and return a new token of theirs."""
+        self.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
+                 "--no-password")
+        return self.cli("tokens", "create", "root").stdout.strip()
+
     def make_user(self, admin: requests.Session, name: str, org: str, role: str) -> str:
         """Create user ``name`` (``role`` in organisation ``org``, password "correct horse
         battery") through the API as ``admin``, and return a new token of theirs."""

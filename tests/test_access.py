@@ -54,9 +54,7 @@ def _store(site: Site, token: str, folder: Path, study: str, count: int = 2,
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("access")
     server = make_server(tmp)
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    site = Site(server, server.cli("tokens", "create", "root").stdout.strip())
+    site = Site(server, server.make_root())
     root = site.api(site.root)
     for org in ("hospital", "clinic", "other"):
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).status_code == 201

@@ -128,9 +128,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                    "DICOMSHARE_SMTP_PORT": str(controller.port),
                                    "DICOMSHARE_SMTP_FROM": "noreply@share.example",
                                    "DICOMSHARE_PUBLIC_URL": "https://share.example/"})
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    world = World(server, server.cli("tokens", "create", "root").stdout.strip(), mailbox)
+    world = World(server, server.make_root(), mailbox)
     root = world.api("root")
     for org in ("clinic", "hospital", "outside"):
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).status_code == 201

@@ -80,9 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                    "DICOMSHARE_DICOM_PORT": "0"})
     try:
         w = World(server)
-        server.cli("users", "create", "root", "--org", "site", "--role", "admin",
-                   "--superuser", "--no-password")
-        w.tokens["root"] = server.cli("tokens", "create", "root").stdout.strip()
+        w.tokens["root"] = server.make_root()
         root = w.api("root")
         for user, org in (("ann", "alpha"), ("bob", "beta")):
             made = root.post(f"{server.url}/api/organisations", json={"name": org}, timeout=30)

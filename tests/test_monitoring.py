@@ -160,9 +160,7 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("monitoring")
     server = make_server(tmp, env=ENV)
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    root = server.session(server.cli("tokens", "create", "root").stdout.strip())
+    root = server.session(server.make_root())
     for org in ("hospital", "clinic", "other"):
         assert root.post(f"{server.url}/api/organisations",
                          json={"name": org}).status_code == 201

@@ -68,9 +68,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("patients")
     server = make_server(tmp)
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    w = World(server, {"root": server.cli("tokens", "create", "root").stdout.strip()},
+    w = World(server, {"root": server.make_root()},
               folder=tmp / "files")
     root = w.api("root")
     for org in ("hospital", "clinic"):

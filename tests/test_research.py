@@ -45,9 +45,7 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("research")
     server = make_server(tmp, env={"DICOMSHARE_EXPORT_STALE_SECONDS": "2"})
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    root = server.session(server.cli("tokens", "create", "root").stdout.strip())
+    root = server.session(server.make_root())
     site = Site(server)
     for org in ("hospital", "lab"):
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).ok

@@ -94,10 +94,8 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     server = make_server(tmp_path_factory.mktemp("deidlinks"),
                          env={"DICOMSHARE_SECURE_COOKIES": "false", "DICOMSHARE_DICOM_PORT": "0"})
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
     site = Site(server)
-    root = server.session(server.cli("tokens", "create", "root").stdout.strip())
+    root = server.session(server.make_root())
     for org in ("hospital", "other"):
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).status_code == 201
     for org, role in [("hospital", "admin"), ("hospital", "clinician"), ("other", "admin"),

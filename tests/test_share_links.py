@@ -71,9 +71,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("links")
     server = make_server(tmp, env={"DICOMSHARE_SECURE_COOKIES": "false",
                                    "DICOMSHARE_DICOM_PORT": "0"})
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    site = Site(server, server.cli("tokens", "create", "root").stdout.strip())
+    site = Site(server, server.make_root())
     root = server.session(site.root)
     for org in ("hospital", "other"):
         assert root.post(f"{server.url}/api/organisations", json={"name": org}).status_code == 201

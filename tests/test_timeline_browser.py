@@ -87,9 +87,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = make_server(tmp, env={"DICOMSHARE_SECURE_COOKIES": "false",
                                    "DICOMSHARE_DICOM_PORT": "0"})
     try:
-        server.cli("users", "create", "root", "--org", "site", "--role", "admin",
-                   "--superuser", "--no-password")
-        w = World(server, {"root": server.cli("tokens", "create", "root").stdout.strip()})
+        w = World(server, {"root": server.make_root()})
         root = w.api("root")
         for org in ("hospital", "clinic"):
             assert root.post(f"{w.url}/api/organisations", json={"name": org},

@@ -50,9 +50,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     server = make_server(tmp_path_factory.mktemp("uploads"))
-    server.cli("users", "create", "root", "--org", "site", "--role", "admin", "--superuser",
-               "--no-password")
-    site = Site(server, {"site/root": server.cli("tokens", "create", "root").stdout.strip()})
+    site = Site(server, {"site/root": server.make_root()})
     root = site.api("site/root")
     for org in ("specialist", "clinic"):
         assert root.post(f"{site.url}/api/organisations", json={"name": org}).ok
