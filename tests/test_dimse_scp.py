@@ -663,6 +663,38 @@ def test_movescu_to_storescp(dicom: Server, sent: dict[str, Path],
     assert "MoveDestinationUnknown" in unknown.stdout + unknown.stderr
 
 
+def test_polling_loops_store_and_move_the_same_bytes(tmp_path: Path) -> None:
+    """With DICOMSHARE_DICOM_EVENT_LOOPS=false, pynetdicom's own loops and encoders carry
+    the C-STORE responses and the C-MOVE sub-operations (wire.py is not used): the same
+    statuses and the same bytes arrive."""
+    srv = conftest.make_server(tmp_path / "polling", env={
+        "DICOMSHARE_DICOM_EVENT_LOOPS": "false", "DICOMSHARE_DICOM_IN_WORKERS": "false"})
+    try:
+        srv.cli("ae", "add", "STORESCU", "--host", "127.0.0.1", "--port", "1")
+        study = generate_uid()
+        files = [unique_copy(name, tmp_path, study) for name in ("CT_small.dcm", "MR_small.dcm")]
+        chunked = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True  # the files' data sets as they are
+        assoc = associate(srv, [build_context(CT, ExplicitVRLittleEndian),
+                                build_context(MR, ExplicitVRLittleEndian)], "STORESCU")
+        try:
+            assert [assoc.send_c_store(f).Status for f in files] == [0x0000, 0x0000]
+        finally:
+            assoc.release()
+            _config.STORE_SEND_CHUNKED_DATASET = chunked
+        out = tmp_path / "moved"
+        with storescp_process("STORESCP", out) as port:
+            srv.cli("ae", "add", "STORESCP", "--host", "127.0.0.1", "--port", str(port))
+            run("movescu", "-S", "-aet", "STORESCU", "-aem", "STORESCP", "-aec", srv.ae_title,
+                "127.0.0.1", str(srv.dicom_port), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}")
+        received = sorted(comparable(p.read_bytes()) for p in out.iterdir())
+        stored = sorted(comparable(f.read_bytes()) for f in files)
+        assert received == stored
+    finally:
+        srv.stop()
+
+
 def test_getscu(dicom: Server, sent: dict[str, Path], tmp_path: Path) -> None:
     ct = read_full(str(sent["CT_small.dcm"]))
     j2k = read_full(str(sent["MR_small_jp2klossless.dcm"]))

@@ -19,14 +19,14 @@ from typing import Any, cast
 
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicomshare.archive import Archive
+from dicomshare.dimse import wire
 from dicomshare.errors import StorageFailure
 from dicomshare.storage.base import TempBlob
 
 log = logging.getLogger(__name__)
-PREAMBLE = b"\x00" * 128 + b"DICM"
+PREAMBLE = wire.PREAMBLE
 
 
 class Inbox:
@@ -82,10 +82,8 @@ class Inbox:
         if cx is None:
             return False
         command = message.command_set
-        meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
-                                sop_instance_uid=command.AffectedSOPInstanceUID,
-                                transfer_syntax=cx.transfer_syntax[0])
-        header = PREAMBLE + encode_file_meta(meta)
+        header = wire.file_meta(str(command.AffectedSOPClassUID),
+                                str(command.AffectedSOPInstanceUID), str(cx.transfer_syntax[0]))
         temp = self.archive.new_temp()
         try:
             temp.write(header)

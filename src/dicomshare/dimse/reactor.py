@@ -18,7 +18,10 @@ for what they wait for instead:
 Both still wake at least every ``_TICK`` seconds, for what nothing signals (timers, a
 dead peer thread, a kill from elsewhere). The loops keep pynetdicom's steps and their
 order, including the pause checkpoint that C-GET / C-MOVE senders rely on; only the
-waiting differs. Tied to pynetdicom 3.0's internals (as scp.py is): the version is pinned.
+waiting differs. The upper layer also writes :class:`RawPData` (PDUs wire.py encoded) to
+the socket as they are, which only these loops know how to do: :func:`send_raw` is for
+associations with them (:func:`installed`). Tied to pynetdicom 3.0's internals (as scp.py
+is): the version is pinned.
 """
 
 from __future__ import annotations
@@ -30,17 +33,29 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 log = logging.getLogger(__name__)
 
 _TICK = 0.01  # seconds: the longest wait without a signal
+_QUEUED_RAW = 2  # encoded chunks waiting for the socket before a sender waits
+_SENDING_STATES = ("Sta6", "Sta7")  # established, or awaiting a release (PS3.8 9.2)
+
+
+class RawPData(P_DATA):
+    """P-DATA-TF PDUs already encoded; the upper layer writes them to the socket as
+    they are (DT-1 / AR-7 of PS3.8 without building PDU objects)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self.raw = raw
 
 
 class _SignalQueue(queue.Queue[Any]):
@@ -89,11 +104,34 @@ def install(assoc: Association) -> None:
     waker = _Waker()
     news = threading.Event()
     dul.to_provider_queue = _SignalQueue(waker.wake)
+    assoc._dicomshare_loops = True  # type: ignore[attr-defined]
     dul.to_user_queue = _SignalQueue(news.set)
     assoc.dimse.msg_queue = _SignalQueue(news.set)
     # threading.Thread keeps the target pynetdicom bound at __init__ in _target.
     setattr(dul, "_target", lambda: _run_dul(dul, waker))  # noqa: B010
     setattr(assoc, "_run_reactor", lambda: _run_association(assoc, news))  # noqa: B010
+
+
+def installed(assoc: Association) -> bool:
+    """Whether the association runs these loops (and so can take RawPData)."""
+    return bool(getattr(assoc, "_dicomshare_loops", False))
+
+
+def send_raw(assoc: Association, chunks: Iterable[bytes]) -> None:
+    """Queue encoded PDUs for the upper layer, in order, with at most a few chunks waiting
+    (a large object is read as fast as it is sent, not into memory); stops early when the
+    association ends (the caller's wait for a response then notices)."""
+    dul = assoc.dul
+    for chunk in chunks:
+        while _raw_waiting(dul) >= _QUEUED_RAW:
+            if not dul.is_alive() or assoc.is_aborted:
+                return
+            time.sleep(0.0002)
+        dul.send_pdu(RawPData(chunk))
+
+
+def _raw_waiting(dul: Any) -> int:
+    return sum(isinstance(p, RawPData) for p in list(dul.to_provider_queue.queue))
 
 
 class EventLoopAE(AE):
@@ -123,6 +161,8 @@ def _run_dul(dul: Any, waker: _Waker) -> None:
             if dul.artim_timer.expired:
                 dul.event_queue.put("Evt18")
             try:
+                if _send_raw_head(dul):
+                    continue
                 if dul._process_recv_primitive():
                     pass
                 elif dul._is_transport_event():
@@ -139,6 +179,19 @@ def _run_dul(dul: Any, waker: _Waker) -> None:
             dul.state_machine.do_action(event)
     finally:
         waker.close()
+
+
+def _send_raw_head(dul: Any) -> bool:
+    """Write a RawPData at the head of the send queue (where pynetdicom would run DT-1);
+    False when the head is anything else. Outside the sending states it is dropped, as
+    pynetdicom would refuse a P-DATA there."""
+    pending = dul.to_provider_queue.queue
+    if not pending or not isinstance(pending[0], RawPData):
+        return False
+    primitive = dul.to_provider_queue.get(False)
+    if dul.state_machine.current_state in _SENDING_STATES and dul.socket is not None:
+        dul.socket.send(primitive.raw)  # a failure queues Evt17 (connection closed)
+    return True
 
 
 def _wait(dul: Any, waker: _Waker) -> None:

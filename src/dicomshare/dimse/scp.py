@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import socket
 import tempfile
 import threading
@@ -64,7 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities
-from dicomshare.access.policy import Action, Principal
+from dicomshare.access.policy import Action, Principal, Visibility
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
@@ -72,7 +73,7 @@ from dicomshare.dicom import pixels, transfer
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.json import first as json_first
 from dicomshare.dicom.matching import Condition, Kind, Query
-from dicomshare.dimse import reactor, tls, translate
+from dicomshare.dimse import reactor, tls, translate, wire
 from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
 from dicomshare.dimse.inbox import PREAMBLE, Inbox, Sink
@@ -86,6 +87,7 @@ PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
 PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
 PAGE_OVERLAP = 50  # matches each C-FIND page re-reads of the page before (see _on_find)
 MAX_CONTEXTS = 128
+STORE_ACCESS_TTL = 2.0  # seconds an association's store permissions are reused
 NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
 _PEER = "_dicomshare_peer"  # the RemoteAE an outbound association goes to, when known
@@ -111,6 +113,8 @@ class DicomService(StorageCommitment):
         self._tls_server: ThreadedAssociationServer | None = None
         self._inboxes: dict[int, Inbox] = {}
         self._callers: dict[int, Principal] = {}  # association -> who it acts for
+        # association -> (until when, where it may store): see _store_access
+        self._store_access: dict[int, tuple[float, Visibility]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -202,7 +206,7 @@ class DicomService(StorageCommitment):
         with self._lock:
             self._inboxes[id(assoc)] = inbox
         inbox.install()
-        _thin_pending(assoc, self.settings.dicom_pending_interval)
+        _lean_responses(assoc, self.settings.dicom_pending_interval)
         if self.settings.dicom_event_loops:
             reactor.install(assoc)
 
@@ -210,6 +214,7 @@ class DicomService(StorageCommitment):
         with self._lock:
             inbox = self._inboxes.pop(id(event.assoc), None)
             self._callers.pop(id(event.assoc), None)
+            self._store_access.pop(id(event.assoc), None)
         if inbox is not None:
             inbox.discard_all()
 
@@ -274,8 +279,11 @@ class DicomService(StorageCommitment):
         named = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         check = partial(translate.check_names, named)
         try:
-            result = self.access.store(self._caller(event.assoc), [temp], check_header=check)[0]
+            who = self._caller(event.assoc)
+            may = self._may_store(event.assoc, who)
+            result = self.access.store(who, [temp], check_header=check, store_access=may)[0]
         except Forbidden as exc:  # the AE may not store at all (a read-only AE)
+            self.archive.blobs.discard(temp)  # type: ignore[arg-type]
             return translate.failure(exc.failure_reason, exc.reason)
         except Exception:  # a bug, not the object: nothing is acknowledged, nothing kept
             log.exception("C-STORE failed")
@@ -285,6 +293,21 @@ class DicomService(StorageCommitment):
             log.info("C-STORE from %s refused: %s", event.assoc.requestor.ae_title,
                      result.error.reason if result.error else "")
         return translate.store_status(result)
+
+    def _may_store(self, assoc: Association, who: Principal) -> Visibility:
+        """Where the caller may store, read again at most every STORE_ACCESS_TTL seconds of
+        an association: a modality sending a study asked the database for its grants
+        once per instance (a fifth of the index work). A grant revoked meanwhile stops
+        counting within that time; a refusal is never remembered."""
+        now = time.monotonic()
+        with self._lock:
+            until, may = self._store_access.get(id(assoc), (0.0, None))
+        if may is not None and now < until:
+            return may
+        may = self.access.store_access(who)
+        with self._lock:
+            self._store_access[id(assoc)] = (now + STORE_ACCESS_TTL, may)
+        return may
 
     def _received(self, event: evt.Event) -> TempBlob:
         """The temp blob holding the received object as a Part 10 file."""
@@ -565,20 +588,17 @@ def _c_store(assoc: Association, inst: StoredInstance, msg_id: int, priority: in
              originator_aet: str | None, originator_id: int | None,
              context: PresentationContext, path: Path) -> Dataset:
     """Association.send_c_store for a file whose data set is sent as it is on disk."""
-    _, offset = split_dataset(path)
-    request = C_STORE()
-    request.MessageID = msg_id
-    request.Priority = priority
-    request.AffectedSOPClassUID = inst.sop_class_uid
-    request.AffectedSOPInstanceUID = inst.sop_uid
-    request.MoveOriginatorApplicationEntityTitle = originator_aet
-    request.MoveOriginatorMessageID = originator_id
-    request._dataset_path = (path, offset)
+    if reactor.installed(assoc):
+        send: Callable[[], None] = partial(_send_file, assoc, inst, msg_id, priority,
+                                           originator_aet, originator_id, context, path)
+    else:
+        request = _store_request(inst, msg_id, priority, originator_aet, originator_id, path)
+        send = partial(assoc.dimse.send_msg, request, cast(int, context.context_id))
     outbound = getattr(assoc, "_dicomshare_outbound", False)
     if not outbound or not getattr(assoc, "_dicomshare_held", False):
         _hold_reactor(assoc, robust=outbound)
     try:
-        assoc.dimse.send_msg(request, cast(int, context.context_id))
+        send()
         _, response = assoc.dimse.get_msg(block=True)
     finally:
         if not outbound:
@@ -589,6 +609,37 @@ def _c_store(assoc: Association, inst: StoredInstance, msg_id: int, priority: in
         failed.Status = 0xA700  # the retrieve loop counts it as a failed sub-operation
         return failed
     return assoc._check_received_status(response)
+
+
+def _send_file(assoc: Association, inst: StoredInstance, msg_id: int, priority: int,
+               originator_aet: str | None, originator_id: int | None,
+               context: PresentationContext, path: Path) -> None:
+    """C-STORE-RQ and the file's data set as PDUs encoded here (wire.py)."""
+    command = wire.c_store_rq(inst.sop_class_uid, inst.sop_uid, msg_id, priority,
+                              originator_aet, originator_id)
+    with open(path, "rb") as f:
+        offset = wire.data_set_offset(f.read(8192))
+        if offset is None:
+            offset = split_dataset(path)[1]
+        length = f.seek(0, os.SEEK_END) - offset
+        f.seek(offset)
+        reactor.send_raw(assoc, wire.message(cast(int, context.context_id), command,
+                                             assoc.dimse.maximum_pdu_size, f, length))
+
+
+def _store_request(inst: StoredInstance, msg_id: int, priority: int,
+                   originator_aet: str | None, originator_id: int | None,
+                   path: Path) -> C_STORE:
+    _, offset = split_dataset(path)
+    request = C_STORE()
+    request.MessageID = msg_id
+    request.Priority = priority
+    request.AffectedSOPClassUID = inst.sop_class_uid
+    request.AffectedSOPInstanceUID = inst.sop_uid
+    request.MoveOriginatorApplicationEntityTitle = originator_aet
+    request.MoveOriginatorMessageID = originator_id
+    request._dataset_path = (path, offset)
+    return request
 
 
 def _hold_reactor(assoc: Association, robust: bool) -> None:
@@ -682,15 +733,26 @@ def _reject(assoc: Association, result: int, diagnostic: int) -> None:
     assoc.kill()
 
 
-def _thin_pending(assoc: Association, interval: float) -> None:
+def _lean_responses(assoc: Association, interval: float) -> None:
     """Send sub-operation progress (the pending C-MOVE / C-GET responses, which PS3.4
     C.4.2.3 lets an SCP send or not) for the first sub-operation and then at most every
     ``interval`` seconds; the final response always goes. pynetdicom sends one after every
-    sub-operation: encoding them was a third of a C-MOVE's time."""
+    sub-operation: encoding them was a third of a C-MOVE's time. A C-STORE response with
+    nothing but its status is encoded here (wire.py) on associations that can take it."""
     send = assoc.dimse.send_msg
     last: dict[int, float] = {}  # request message id -> when its last pending response went
 
     def send_msg(primitive: Any, context_id: int) -> None:
+        if (isinstance(primitive, C_STORE) and primitive.Status is not None
+                and primitive.ErrorComment is None and primitive.OffendingElement is None
+                and reactor.installed(assoc)):
+            command = wire.c_store_rsp(primitive.AffectedSOPClassUID,
+                                       primitive.AffectedSOPInstanceUID,
+                                       int(primitive.MessageIDBeingRespondedTo or 0),
+                                       int(primitive.Status))
+            reactor.send_raw(assoc, wire.message(context_id, command,
+                                                 assoc.dimse.maximum_pdu_size))
+            return
         if isinstance(primitive, C_MOVE | C_GET) and primitive.Status is not None:
             key = int(primitive.MessageIDBeingRespondedTo or 0)
             if primitive.Status == 0xFF00:
