@@ -134,7 +134,7 @@ class Archive:
         pending: list[tuple[StoreResult, InstanceRecord]] = []
         if valid:
             try:
-                keys, named = self.blobs.place([t for _, _, t in valid])  # type: ignore[misc]
+                keys = self.blobs.commit_many([t for _, _, t in valid])  # type: ignore[misc]
             except StorageFailure as exc:
                 for result, _, _ in valid:
                     result.error = exc
@@ -143,12 +143,8 @@ class Archive:
                 pending.append((result, InstanceRecord(header, key, temp.size, temp.sha256(),
                                                        owner, store_access)))
         if pending:
-            try:  # the folders' fsyncs run alongside the index statements
-                outcomes = self._commits.add([rec for _, rec in pending], before_commit=named)
-            except StorageFailure as exc:
-                for result, _ in pending:
-                    result.error = exc
-                return results
+            try:
+                outcomes = self._commits.add([rec for _, rec in pending])
             except Exception as exc:  # the database is down or full: nothing acknowledged
                 log.exception("index commit failed")
                 failure = StorageFailure(f"could not commit to the index: {type(exc).__name__}")

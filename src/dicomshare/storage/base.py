@@ -6,7 +6,7 @@ talks to these protocols, and one conformance suite runs against every implement
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -58,11 +58,8 @@ class StoredInstance:
 class Index(Protocol):
     """Attributes of every stored instance, searchable at every level."""
 
-    def add(self, records: Sequence[InstanceRecord],
-            before_commit: Callable[[], None] | None = None) -> list[Outcome]:
-        """Index a batch in one transaction; return one outcome per record, in order.
-        ``before_commit`` runs after the statements, before the commit (an exception
-        from it rolls the batch back): the blobs' names become durable meanwhile."""
+    def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
+        """Index a batch in one transaction; return one outcome per record, in order."""
 
     def search(self, query: Query, study_uid: str | None = None,
                series_uid: str | None = None, visibility: Visibility = EVERYTHING
@@ -110,9 +107,6 @@ class BlobStore(Protocol):
         """Writing is over: start making the bytes durable (may run in the background)."""
     def commit_many(self, temps: list[TempBlob]) -> list[str]:
         """Make the bytes durable under their keys (fsync + rename); return the keys."""
-    def place(self, temps: list[TempBlob]) -> tuple[list[str], Callable[[], None]]:
-        """commit_many in two steps: the keys once the bytes are durable and renamed, and
-        a wait for the names to be durable too (which the index commit runs alongside)."""
     def discard(self, temp: TempBlob) -> None: ...
     def open(self, key: str) -> BinaryIO: ...
     def local_path(self, key: str) -> AbstractContextManager[Path]:

@@ -15,7 +15,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,13 +93,6 @@ class FilesystemBlobStore:
     def commit_many(self, temps: list[FileTemp]) -> list[str]:
         """Make blobs durable under their keys: fsync each (in parallel), rename it into
         place, then fsync each folder once. Raises StorageFailure (and discards them all)."""
-        keys, named = self.place(temps)
-        named()
-        return keys
-
-    def place(self, temps: list[FileTemp]) -> tuple[list[str], Callable[[], None]]:
-        """Wait for each blob's fsync and rename it into place; the folder fsyncs then run
-        in the background until the returned wait (StorageFailure from either step)."""
         try:
             for temp in temps:
                 self.start_sync(temp)
@@ -115,19 +108,13 @@ class FilesystemBlobStore:
                     os.replace(temp.path, final)
                     folders.add(final.parent)
                 keys.append(key)
+            if self.fsync:
+                list(_POOL.map(_fsync, folders))
+            return keys
         except OSError as exc:
             for temp in temps:
                 self.discard(temp)
             raise StorageFailure(f"could not store blob: {exc.strerror or exc}") from exc
-        synced = [_POOL.submit(_fsync, folder) for folder in folders] if self.fsync else []
-
-        def named() -> None:
-            try:
-                for future in synced:
-                    future.result()
-            except OSError as exc:
-                raise StorageFailure(f"could not store blob: {exc.strerror or exc}") from exc
-        return keys, named
 
     def discard(self, temp: FileTemp) -> None:
         temp.close()

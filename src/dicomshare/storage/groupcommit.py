@@ -9,7 +9,7 @@ sees no difference; N callers pay roughly one commit instead of N.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dicomshare.storage.base import Index, InstanceRecord, Outcome
@@ -18,7 +18,6 @@ from dicomshare.storage.base import Index, InstanceRecord, Outcome
 @dataclass
 class _Slot:
     records: Sequence[InstanceRecord]
-    before_commit: Callable[[], None] | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
@@ -31,11 +30,8 @@ class GroupCommit:
         self._pending: list[_Slot] = []
         self._busy = False
 
-    def add(self, records: Sequence[InstanceRecord],
-            before_commit: Callable[[], None] | None = None) -> list[Outcome]:
-        """Index the records in a shared transaction; ``before_commit`` as in Index.add
-        (any caller's failure there fails the whole batch: nothing is acknowledged)."""
-        slot = _Slot(records, before_commit)
+    def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
+        slot = _Slot(records)
         with self._cond:
             self._pending.append(slot)
             while not slot.done:
@@ -57,13 +53,7 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Slot]) -> None:
         try:
-            waits = [slot.before_commit for slot in batch if slot.before_commit is not None]
-
-            def before_commit() -> None:
-                for wait in waits:
-                    wait()
-            outcomes = self.index.add([rec for slot in batch for rec in slot.records],
-                                      before_commit if waits else None)
+            outcomes = self.index.add([rec for slot in batch for rec in slot.records])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             for slot in batch:
                 slot.error, slot.done = exc, True

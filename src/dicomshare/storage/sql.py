@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -142,16 +142,12 @@ class SqlIndex:
         return nullcontext()
 
     # -- ingest ----------------------------------------------------------------------------
-    def add(self, records: Sequence[InstanceRecord],
-            before_commit: Callable[[], None] | None = None) -> list[Outcome]:
+    def add(self, records: Sequence[InstanceRecord]) -> list[Outcome]:
         now = _now()
         parents: dict[str, int] = {}  # study / series UID -> pk, within this transaction
         admitted: set[tuple[int, int | None, int]] = set()  # (study, owner, access) let in
         with self._write_lock(), self.engine.begin() as conn:
-            outcomes = [self._add_one(conn, rec, now, parents, admitted) for rec in records]
-            if before_commit is not None:
-                before_commit()
-            return outcomes
+            return [self._add_one(conn, rec, now, parents, admitted) for rec in records]
 
     def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime,
                  parents: dict[str, int], admitted: set[tuple[int, int | None, int]]
