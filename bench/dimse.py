@@ -20,6 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as `python bench/dimse.py`: import as the `bench` package
@@ -348,6 +350,7 @@ def run_store(
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
         label = f"{assoc} association{'s' if assoc > 1 else ''}"
+        rep.notes.append(reference_receivers(files, slots, tmp, assoc, args.dimse_timeout, label))
         for name, results in runs.items():
             errors = [e for x in results for e in x.errors]
             failed = sum(x.sent - x.ok for x in results)
@@ -362,6 +365,48 @@ def run_store(
             rep.add(section, f"{label}: instances/s", "", "higher", name, ips, note)
             rep.add(section, f"{label}: MiB/s", "", "higher", name, mbs, note)
             rep.add(section, f"{label}: server peak RSS", "MiB", "lower", name, rss)
+
+
+def reference_receivers(files: list[Path], slots: datagen.SlotAllocator, tmp: Path,
+                        assoc: int, dimse_timeout: int, label: str) -> str:
+    """What the same storescu runs reach against DCMTK's own storescp: receiving only
+    (`--ignore`: the client's and the network's share) and writing each file (no fsync,
+    one process: a C++ receiver that keeps nothing durable). A note, not a row: it bounds
+    what any archive can show in this harness on this machine."""
+    figures = []
+    for what, extra in (("--ignore", ["--ignore"]), ("writing files", ["-od"])):
+        slot = slots.take()
+        dest = tmp / f"reference-{slot}"
+        dirs = write_copy(files, slot, dest, assoc)
+        out = tmp / f"reference-out-{slot}"
+        out.mkdir()
+        port = free_port()
+        args = [*extra, str(out)] if extra == ["-od"] else extra
+        with (tmp / f"reference-{slot}.log").open("wb") as logf:
+            proc = subprocess.Popen(["storescp", *args, "-aet", "REFERENCE", str(port)],
+                                    stdout=logf, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, **DCMTK_ENV))
+        try:
+            echo = ["echoscu", "-to", "3", "-aet", BENCH_AET, "-aec", "REFERENCE", LOCALHOST,
+                    str(port)]
+            deadline = time.monotonic() + 15
+            while dcmtk(echo, tmp / "echo-reference.log", timeout=15) != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("storescp (reference) did not start")
+                time.sleep(0.2)
+            target = SimpleNamespace(proc=proc, ae_title="REFERENCE", dicom_port=port,
+                                     name="reference")
+            res = store(cast(Server, target), dirs, tmp / "logs", dimse_timeout)
+            figures.append(f"{what} {res.ok / res.seconds:.0f} inst/s"
+                           + (f" ({res.sent - res.ok} failed)" if res.ok != res.sent else ""))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    log(f"reference storescp, {label}: {', '.join(figures)}")
+    return (f"Reference, {label}: the same storescu runs against DCMTK storescp: "
+            f"{'; '.join(figures)}.")
 
 
 def run_move(

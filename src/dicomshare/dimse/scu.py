@@ -1,8 +1,12 @@
 """The DICOM client side (SCU): send studies to, query and retrieve from registered peers.
 
-Used by ``dicomshare send`` / ``dicomshare remote`` and by the JSON API (``web/api.py``).
-Each call opens one association and closes it before returning; calls block, so the web
-layer runs them in a threadpool. pynetdicom failures are translated here, at the
+Used by ``dicomshare send`` / ``dicomshare remote``, by the JSON API (``web/api.py``) and
+by background transfer jobs (``dimse/jobs.py``). Each call opens one association and
+closes it before returning; calls block, so the web layer runs them in a threadpool or a
+job. ``send`` and ``retrieve`` take an optional ``progress`` callback (the CLI's progress
+bar, a job's counters) and an optional ``cancelled`` check: a send stops between
+instances, a retrieve sends C-CANCEL on the next pending response and starts no further
+study. pynetdicom failures are translated here, at the
 boundary: no association at all is :class:`PeerUnavailable`, a failure status to a query
 is :class:`RemoteError` (both 502), and per-instance outcomes are data in the reports.
 
@@ -275,20 +279,32 @@ class SendReport:
 
 def send(archive: Archive, settings: Settings, remote: RemoteAE, study_uids: Sequence[str],
          who: Principal, access: Access,
-         progress: Callable[[InstanceResult], None] | None = None) -> SendReport:
+         progress: Callable[[InstanceResult], None] | None = None,
+         cancelled: Callable[[], bool] | None = None) -> SendReport:
     """C-STORE every instance of the studies over one association; NotFound for an unknown
     study or one ``who`` may not download (before connecting), PeerUnavailable when no
-    association can be made."""
+    association can be made.
+
+    ``progress`` is called after each instance tried; ``cancelled`` before each one: once
+    it answers True the rest are reported "not sent: cancelled" (without ``progress``)."""
     instances = [inst for uid in dict.fromkeys(study_uids)
                  for inst, _ in access.locate(who, Action.DOWNLOAD, uid)]
     report = SendReport(remote.ae_title)
     contexts, unproposed = _store_contexts(instances)
+    stopped = False
     with _association(settings, remote, contexts) as assoc:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
         for inst in instances:
             result = InstanceResult(inst.study_uid, inst.series_uid, inst.sop_uid,
                                     inst.sop_class_uid, inst.transfer_syntax_uid)
+            if not stopped and cancelled is not None and cancelled():
+                stopped = True
+                report.error = report.error or "cancelled before every instance was sent"
+            if stopped:
+                result.comment = "not sent: cancelled"
+                report.instances.append(result)
+                continue
             if not assoc.is_established:
                 report.error = report.error or _lost(remote, settings)
                 result.comment = "not sent: the association ended early"
@@ -468,6 +484,7 @@ class RetrieveReport:
     stored: int = 0  # C-GET: instances new to the archive
     already_present: int = 0  # C-GET: identical bytes were stored before
     refused: list[tuple[str, str]] = field(default_factory=list)  # C-GET: (SOP UID, reason)
+    remaining: int | None = None  # sub-operations still to come, when the peer says
 
     @property
     def outcome(self) -> str:
@@ -477,12 +494,18 @@ class RetrieveReport:
 
 
 def retrieve(archive: Archive, settings: Settings, remote: RemoteAE, study_uids: Sequence[str],
-             method: str, who: Principal, access: Access) -> list[RetrieveReport]:
+             method: str, who: Principal, access: Access,
+             progress: Callable[[RetrieveReport], None] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> list[RetrieveReport]:
     """Retrieve studies over one association, one report per study.
 
     ``move``: C-MOVE to our own AE title; the peer must have us registered, and our SCP
     (``dicomshare serve``) stores what arrives. ``get``: C-GET; we are the storage SCP on
     the same association and store each instance for ``who``'s organisation.
+
+    ``progress`` gets the current study's report after each response from the peer.
+    ``cancelled`` is asked after each pending response (True: C-CANCEL, the peer ends the
+    study with status FE00) and before each study (True: "not retrieved: cancelled").
     """
     if method not in ("move", "get"):
         raise InvalidQuery(f"unknown retrieve method {method!r}: move or get")
@@ -509,6 +532,9 @@ def retrieve(archive: Archive, settings: Settings, remote: RemoteAE, study_uids:
             if not assoc.is_established:
                 report.comment = _lost(remote, settings)
                 continue
+            if cancelled is not None and cancelled():
+                report.comment = "not retrieved: cancelled"
+                continue
             identifier = Dataset()
             identifier.QueryRetrieveLevel = "STUDY"
             identifier.StudyInstanceUID = report.study_uid
@@ -517,12 +543,22 @@ def retrieve(archive: Archive, settings: Settings, remote: RemoteAE, study_uids:
                                               msg_id=msg_id)
             else:
                 responses = assoc.send_c_get(identifier, model, msg_id=msg_id)
-            _follow(responses, report, remote, settings)
+
+            def cancel(msg_id: int = msg_id) -> bool:
+                """C-CANCEL the study's request if the caller asks to; True once sent."""
+                if cancelled is None or not cancelled():
+                    return False
+                assoc.send_c_cancel(msg_id, query_model=model)
+                return True
+
+            _follow(responses, report, remote, settings, progress, cancel)
     return reports
 
 
 def _follow(responses: Iterator[tuple[Dataset, Dataset | None]], report: RetrieveReport,
-            remote: RemoteAE, settings: Settings) -> None:
+            remote: RemoteAE, settings: Settings,
+            progress: Callable[[RetrieveReport], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> None:
     for status, _identifier in responses:
         if "Status" not in status:
             report.status = None
@@ -532,14 +568,23 @@ def _follow(responses: Iterator[tuple[Dataset, Dataset | None]], report: Retriev
         report.completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
         report.failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
         report.warning = int(status.get("NumberOfWarningSuboperations", 0) or 0)
-        if category(code) != "pending":
-            report.status = code
-            report.comment = explain(code, status, report.method)
-            if report.method == "move" and code in (0xA801, 0xA702) and not report.completed:
-                report.comment += (f"; the peer must know our AE title {settings.ae_title} "
-                                   "with the host and DICOM port of `dicomshare serve`")
-            if code == 0x0000 and not (report.completed or report.failed or report.warning):
-                report.comment = report.comment or "the peer found nothing to send"
+        remaining = status.get("NumberOfRemainingSuboperations")
+        report.remaining = int(remaining) if isinstance(remaining, int) else None
+        if category(code) == "pending":
+            if progress is not None:
+                progress(report)
+            if cancel is not None and cancel():
+                cancel = None  # asked once; the peer ends the study with FE00 (Cancel)
+            continue
+        report.status = code
+        report.comment = explain(code, status, report.method)
+        if report.method == "move" and code in (0xA801, 0xA702) and not report.completed:
+            report.comment += (f"; the peer must know our AE title {settings.ae_title} "
+                               "with the host and DICOM port of `dicomshare serve`")
+        if code == 0x0000 and not (report.completed or report.failed or report.warning):
+            report.comment = report.comment or "the peer found nothing to send"
+        if progress is not None:
+            progress(report)
 
 
 def _sop_classes(settings: Settings, remote: RemoteAE, study_uids: list[str]) -> list[str]:

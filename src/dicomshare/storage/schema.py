@@ -694,3 +694,35 @@ patient_merge = Table(
     Index("ix_patient_merge_old", "old_record_pk"),
     Index("ix_patient_merge_new", "new_record_pk"),
 )
+
+transfer_job = Table(
+    "transfer_job",
+    metadata,
+    # A background DICOM transfer (dimse/jobs.py): send = C-STORE studies to a peer,
+    # retrieve = C-MOVE / C-GET them from one. Runs as its creator, within the token's scopes.
+    Column("pk", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # send | retrieve
+    # queued | running | succeeded | failed | cancelled | interrupted
+    Column("state", String(16), nullable=False),
+    Column("organisation_pk", Integer, ForeignKey("organisation.pk"), nullable=False),
+    Column("created_by_user_pk", Integer, ForeignKey("user_account.pk"), nullable=False),
+    Column("scopes", String(100), nullable=False),
+    Column("ae_title", String(16), nullable=False),
+    Column("study_uids", Text, nullable=False),  # JSON list
+    Column("method", String(8)),  # retrieve: move | get
+    Column("retry_of_pk", Integer, ForeignKey("transfer_job.pk")),
+    Column("total", Integer),  # instances, when known
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("warning", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("result", Text),  # JSON: the report the synchronous route returns
+    Column("worker", String(100)),  # the claiming worker; only it writes progress
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("heartbeat_at", DateTime(timezone=True)),  # running without one: interrupted
+    Index("ix_transfer_job_state", "state"),
+    Index("ix_transfer_job_org", "organisation_pk", "pk"),
+    Index("ix_transfer_job_user", "created_by_user_pk", "pk"),
+)

@@ -4,10 +4,12 @@ retrieving from them (coordination of care with other archives).
 Every route needs a bearer token. A peer belongs to one organisation: its clinicians
 and admins list, query, retrieve from and send to it (what is retrieved belongs to the
 organisation; what is sent must be downloadable by the caller), its admins register
-and remove it; other organisations' peers answer 404. The DIMSE work runs synchronously in the
-threadpool and the response comes when it is done: a large study holds one worker thread
-(and the client) for as long as the transfer takes. Unknown peer or study: 404; a peer we
-cannot associate with, or that fails a query: 502.
+and remove it; other organisations' peers answer 404. By default a send or retrieve runs
+synchronously in the threadpool and the response comes when it is done, which suits small
+studies. With ``Prefer: respond-async`` (RFC 7240) or ``"background": true`` the same
+checks run, then a background job (dimse/jobs.py, web/jobs_api.py) does the transfer:
+202 with ``Location: /api/jobs/{id}`` to poll for progress and the same report. Unknown
+peer or study: 404; a peer we cannot associate with, or that fails a query: 502.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from dicomshare.archive import Archive
 from dicomshare.config import Settings
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import AERegistry, RemoteAE
+from dicomshare.dimse.jobs import retrieve_result, send_result
 from dicomshare.errors import Conflict, Forbidden
 from dicomshare.web.app import principal, requires
+from dicomshare.web.jobs_api import JobModel, start_job, wants_async
 
 router = APIRouter(tags=["DICOM peers"])
-
-
-
+_ASYNC: dict[int | str, dict[str, Any]] = {202: {
+    "model": JobModel, "description": "with `Prefer: respond-async` or `\"background\": "
+    "true`: the job, started (Location: /api/jobs/{id})"}}
 
 Caller = Annotated[Principal, Depends(principal)]
 RemoteUser = Annotated[Principal, Depends(requires(Action.REMOTE))]
@@ -78,11 +82,15 @@ class RetrieveRequest(BaseModel):
     method: Literal["move", "get"] = Field(
         "move", description="move: the peer sends to our AE title and must know it; get: "
         "the instances come back on the same association")
+    background: bool = Field(False, description="run as a background job: 202 and the job "
+                             "(like the header Prefer: respond-async)")
 
 
 class SendRequest(BaseModel):
     destination: str = Field(min_length=1, description="registered AE title")
     study_uids: list[str] = Field(min_length=1)
+    background: bool = Field(False, description="run as a background job: 202 and the job "
+                             "(like the header Prefer: respond-async)")
 
 
 class InstanceResultModel(BaseModel):
@@ -202,45 +210,40 @@ async def remote_find(request: Request, response: Response, title: str, body: Fi
     return list(found)
 
 
-@router.post("/remote-aes/{title}/retrieve", response_model=RetrieveResponse)
+@router.post("/remote-aes/{title}/retrieve", response_model=RetrieveResponse,
+             responses=_ASYNC)
 async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
-                          who: RemoteUser) -> RetrieveResponse:
+                          who: RemoteUser) -> RetrieveResponse | Response:
     """C-MOVE (to our AE title) or C-GET studies into this archive; 200 with a report per
     study, whatever each study's outcome. What arrives belongs to the caller's
-    organisation (C-MOVE: to the peer's, which is the same)."""
+    organisation (C-MOVE: to the peer's, which is the same). Asynchronously: 202 and
+    the job."""
     archive, settings, registry = _context(request)
     access: Access = request.app.state.access
     peer = await run_in_threadpool(registry.usable_by, who, title)
     await run_in_threadpool(access.store_access, who)
+    if wants_async(request, body.background):
+        return await start_job(request, who, "retrieve", peer.ae_title, body.study_uids,
+                               body.method)
     reports = await run_in_threadpool(scu.retrieve, archive, settings, peer, body.study_uids,
                                       body.method, who, access)
     await _audit(request, "remote.retrieve", who, {"ae_title": peer.ae_title,
                                             "study_uids": body.study_uids[:100],
                                             "method": body.method})
-    return RetrieveResponse(source=peer.ae_title, studies=[
-        StudyRetrieveModel(
-            study_uid=r.study_uid, method=body.method, outcome=r.outcome, status=r.status,
-            comment=r.comment, completed=r.completed, failed=r.failed, warning=r.warning,
-            stored=r.stored, already_present=r.already_present,
-            refused=[RefusedModel(sop_instance_uid=u, reason=why) for u, why in r.refused])
-        for r in reports])
+    return RetrieveResponse.model_validate(retrieve_result(peer.ae_title, reports))
 
 
-@router.post("/send", response_model=SendResponse)
-async def send(request: Request, body: SendRequest, who: RemoteUser) -> SendResponse:
+@router.post("/send", response_model=SendResponse, responses=_ASYNC)
+async def send(request: Request, body: SendRequest, who: RemoteUser) -> SendResponse | Response:
     """C-STORE every instance of the studies to one of the organisation's peers, as
     stored; 200 with a result per instance, whatever each outcome. Studies the caller
-    may not download answer 404."""
+    may not download answer 404. Asynchronously (the same checks first): 202 and the
+    job."""
     archive, settings, registry = _context(request)
     peer = await run_in_threadpool(registry.usable_by, who, body.destination)
+    if wants_async(request, body.background):
+        return await start_job(request, who, "send", peer.ae_title, body.study_uids)
     access: Access = request.app.state.access
     report = await run_in_threadpool(scu.send, archive, settings, peer, body.study_uids,
                                      who, access)
-    return SendResponse(
-        destination=peer.ae_title, succeeded=report.count("success"),
-        warnings=report.count("warning"), failed=report.count("failure"), error=report.error,
-        instances=[InstanceResultModel(
-            sop_instance_uid=r.sop_uid, sop_class_uid=r.sop_class_uid, study_uid=r.study_uid,
-            series_uid=r.series_uid, transfer_syntax_uid=r.transfer_syntax_uid,
-            sent_as=r.sent_as, outcome=r.outcome,
-            status=r.status, comment=r.comment) for r in report.instances])
+    return SendResponse.model_validate(send_result(report))

@@ -73,8 +73,13 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         from dicomshare.dimse.scp import serve_in_worker
 
         dicom = await run_in_threadpool(serve_in_worker, settings, archive, app.state.access)
+        from dicomshare.dimse.jobs import TransferWorker  # background send / retrieve
+
+        transfers = app.state.transfers = TransferWorker(archive, app.state.access)
+        transfers.start()  # after the SCP: a C-MOVE job needs it to receive
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
+        transfers.stop()
         if dicom is not None:
             dicom.stop()
         worker.stop()
@@ -142,6 +147,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         dicomweb,
         fhir_api,
         iid,
+        jobs_api,
         links_api,
         monitoring_api,
         pages,
@@ -154,6 +160,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(auth.router, prefix="/api")
     app.include_router(dicomweb.router, prefix=settings.dicomweb_root)
     app.include_router(api.router, prefix="/api")
+    app.include_router(jobs_api.router, prefix="/api")  # /api/jobs: background transfers
     app.include_router(access_api.router, prefix="/api")
     app.include_router(research_api.router, prefix="/api")
     app.include_router(links_api.router, prefix="/api")
