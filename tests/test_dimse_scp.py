@@ -663,6 +663,42 @@ def test_movescu_to_storescp(dicom: Server, sent: dict[str, Path],
     assert "MoveDestinationUnknown" in unknown.stdout + unknown.stderr
 
 
+def test_large_object_moves_and_gets_in_chunks(dicom: Server, tmp_path: Path,
+                                               storescp: tuple[str, Path]) -> None:
+    """A 12 MiB data set goes out in several 4 MiB chunks of PDUs (wire.py) over a 16 KiB
+    PDU limit (storescp's default), with at most two chunks queued: it arrives whole,
+    byte for byte, by C-MOVE and by C-GET."""
+    ds = read_full(sample("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = 2048, 3072
+    ds.PixelData = bytes(range(256)) * (2048 * 3072 * 2 // 256)
+    path = tmp_path / "large.dcm"
+    ds.save_as(path)
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = associate(dicom, [build_context(CT, ExplicitVRLittleEndian)])
+    try:
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    title, out = storescp
+    run("movescu", "-S", "-aet", "MOVESCU", "-aem", title, "-aec", dicom.ae_title,
+        "127.0.0.1", str(dicom.dicom_port), "-k", "QueryRetrieveLevel=STUDY",
+        "-k", f"StudyInstanceUID={ds.StudyInstanceUID}")
+    got = tmp_path / "got"
+    got.mkdir()
+    run("getscu", "-S", "+B", "-aet", "GETSCU", "-aec", dicom.ae_title, "-od", str(got),
+        "127.0.0.1", str(dicom.dicom_port), "-k", "QueryRetrieveLevel=STUDY",
+        "-k", f"StudyInstanceUID={ds.StudyInstanceUID}")
+    expected = comparable(path.read_bytes())
+    assert len(expected) > 3 * 4 * 1024 * 1024
+    for folder in (out, got):
+        (received,) = folder.iterdir()
+        assert comparable(received.read_bytes()) == expected
+
+
 def test_polling_loops_store_and_move_the_same_bytes(tmp_path: Path) -> None:
     """With DICOMSHARE_DICOM_EVENT_LOOPS=false, pynetdicom's own loops and encoders carry
     the C-STORE responses and the C-MOVE sub-operations (wire.py is not used): the same
