@@ -484,11 +484,29 @@ class _ReusePort:
         super().server_bind()  # type: ignore[misc]
 
 
-class _SharedServer(_ReusePort, ThreadedAssociationServer):
+class _NoForcedCollect:
+    """pynetdicom's accept loop runs a full ``gc.collect()`` every 60 turns (for
+    association threads it saw linger): with an archive's heap that is a pause of a tenth
+    of a second with the GIL held, which every association of the process waits out.
+    Python's own collector frees those cycles anyway."""
+
+    def service_actions(self) -> None:
+        pass
+
+
+class _Server(_NoForcedCollect, ThreadedAssociationServer):
     pass
 
 
-class _SharedTLSServer(_ReusePort, tls.TLSServer):
+class _TLSServer(_NoForcedCollect, tls.TLSServer):
+    pass
+
+
+class _SharedServer(_ReusePort, _Server):
+    pass
+
+
+class _SharedTLSServer(_ReusePort, _TLSServer):
     pass
 
 
@@ -521,8 +539,8 @@ class _ArchiveAE(reactor.EventLoopAE):
         tls_server = kwargs.get("ssl_context") is not None
         if self._service.settings.dicom_reuse_port:
             kwargs["server_class"] = _SharedTLSServer if tls_server else _SharedServer
-        elif tls_server:
-            kwargs["server_class"] = tls.TLSServer
+        else:
+            kwargs["server_class"] = _TLSServer if tls_server else _Server
         return super().make_server(*args, **kwargs)
 
     def associate(self, *args: Any, **kwargs: Any) -> Association:

@@ -9,6 +9,7 @@ reason, and a ``Warning`` header (PS3.18 8.6.3), never a bare 500.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -77,6 +78,10 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
 
         transfers = app.state.transfers = TransferWorker(archive, app.state.access)
         transfers.start()  # after the SCP: a C-MOVE job needs it to receive
+        # What exists now (modules, dictionaries, metadata: ~170,000 objects) lives as long
+        # as the process: kept out of the collector, a full collection no longer walks it
+        # (~75 ms with the GIL held, every association and request of the process waiting).
+        gc.freeze()
         yield
         # Runs before uvicorn re-raises SIGTERM, so services beside the app stop cleanly.
         transfers.stop()
