@@ -483,6 +483,33 @@ def test_dimse_uses_the_same_decisions(site: Site, tmp_path: Path) -> None:
     assert r.json() == []
 
 
+def test_open_association_loses_a_revoked_add_series_grant(site: Site, tmp_path: Path) -> None:
+    """An association reads where it may store at most every 2 s (STORE_ACCESS_TTL): a
+    revoked add-series grant stops a modality that keeps sending within that window."""
+    server, t = site.server, site.tokens
+    study = generate_uid()
+    assert _store(site, t["hospital/clinician"], tmp_path, study).status_code == 200
+    hospital = site.api(t["hospital/clinician"])
+    grant = hospital.post(f"{server.url}/api/grants", json={
+        "study_uid": study, "organisation": "clinic",
+        "permissions": ["view", "add-series"]}).json()
+    server.cli("ae", "add", "CLINIC_MOD", "--host", "127.0.0.1", "--port", "1",
+               "--org", "clinic", "--scope", "write")
+    ae = AE(ae_title="CLINIC_MOD")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="DICOMSHARE")
+    try:  # its own new study first: the association now holds its store permissions
+        own = pydicom.dcmread(make_file(tmp_path, study=generate_uid()))
+        assert int(assoc.send_c_store(own).Status) == 0x0000
+        r = hospital.delete(f"{server.url}/api/grants/{grant['id']}")
+        assert r.status_code == 200, r.text
+        time.sleep(2.5)
+        late = pydicom.dcmread(make_file(tmp_path, study=study))
+        assert int(assoc.send_c_store(late).Status) == 0x0124
+    finally:
+        assoc.release()
+
+
 @pytest.mark.parametrize("path,param", [("/api/audit", "patient_id"), ("/api/audit", "user"),
                                         ("/api/audit", "study"), ("/api/audit", "action"),
                                         ("/api/audit", "since"), ("/api/audit", "limit"),
