@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if requests.get(f"{base}/healthz", timeout=1).ok:
                         break
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):
                     time.sleep(0.1)
             sess = {u: requests.Session() for u in tokens}
             for u, t in tokens.items():

@@ -188,7 +188,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up, or busy starting
                 time.sleep(0.1)
         raise RuntimeError("server did not start in 60 s")
 

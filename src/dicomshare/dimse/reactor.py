@@ -190,7 +190,9 @@ def _send_raw_head(dul: Any) -> bool:
         return False
     primitive = dul.to_provider_queue.get(False)
     if dul.state_machine.current_state in _SENDING_STATES and dul.socket is not None:
-        dul.socket.send(primitive.raw)  # a failure queues Evt17 (connection closed)
+        # A memoryview: AssociationSocket.send re-slices what is left after a partial send
+        # (TLS, a socket timeout), which must not copy megabytes each time.
+        dul.socket.send(memoryview(primitive.raw))  # a failure queues Evt17 (closed)
     return True
 
 
