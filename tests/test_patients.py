@@ -400,6 +400,77 @@ def test_priors_on_a_remote_instance(world: World, peer: Server, tmp_path: Path)
     assert local.get(uid) == "local"
 
 
+def test_priors_fetch_in_the_background(world: World, peer: Server, tmp_path: Path) -> None:
+    """``Prefer: respond-async``: the same checks, then a retrieve job (202, Location)
+    whose result is the retrieve report; the job is its creator's to see."""
+    uid = generate_uid()
+    path = make_file(tmp_path, study=uid, PatientID="C-998", PatientName="Mueller^Jorg",
+                     StudyDate="20140101", PatientBirthDate=BIRTH, PatientSex="M")
+    r = peer.session().post(f"{peer.dicomweb}/studies", data=stow_body(path.read_bytes()),
+                            headers={"Content-Type": STOW_TYPE}, timeout=60)
+    assert r.status_code == 200, r.text
+    api, current = world.api("cdoc"), world.studies["c1"]
+    fetch = world.url(f"/studies/{current}/priors/fetch")
+    body = {"remote": "PEER", "study_uid": uid, "method": "get"}
+    # The up-front checks answer as the synchronous route does, and start no job: the
+    # hospital's doctor sees neither the clinic's study nor its peer.
+    for who, ask in (("hdoc", body), ("cdoc", {**body, "remote": "NOPE"})):
+        r = world.api(who).post(fetch, json=ask, headers={"Prefer": "respond-async"})
+        assert r.status_code == 404, r.text
+    assert api.get(world.url("/jobs")).json() == []
+
+    r = api.post(fetch, json=body, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    job, location = r.json(), r.headers["Location"]
+    assert location == f"/api/jobs/{job['id']}"
+    assert r.headers["Preference-Applied"] == "respond-async"
+    assert (job["kind"], job["ae_title"], job["study_uids"], job["method"], job["owner"]) == (
+        "retrieve", "PEER", [uid], "get", "cdoc")
+    assert job["state"] in ("queued", "running"), job
+    job = finished(api, f"{world.server.url}{location}")
+    assert job["state"] == "succeeded", job
+    assert job["error"] is None and job["progress"]["completed"] == 1, job
+    assert job["result"]["source"] == "PEER"
+    [report] = job["result"]["studies"]
+    assert (report["study_uid"], report["outcome"], report["stored"]) == (uid, "success", 1)
+    # The instances are here now, the clinic's, and the study is a local prior.
+    r = api.get(f"{world.server.dicomweb}/studies/{uid}/instances", timeout=30)
+    assert r.status_code == 200 and len(r.json()) == 1, r.text
+    r = api.get(world.url(f"/studies/{current}/priors"))
+    assert {p["study_uid"]: p["source"] for p in r.json()["priors"]}.get(uid) == "local"
+    # Another organisation's users (even its admin) get 404 for the job, like no job.
+    for who in ("hdoc", "hadmin"):
+        r = world.api(who).get(world.url(f"/jobs/{job['id']}"))
+        assert r.status_code == 404, r.text
+        assert world.api(who).post(world.url(f"/jobs/{job['id']}/cancel")).status_code == 404
+    # Audited as the synchronous fetch is (once, naming the job), besides the job's own.
+    trail = world.api("root").get(world.url("/audit"),
+                                  params={"action": "patient.priors.fetch"}).json()
+    mine = [e for e in trail if e.get("details", {}).get("job") == job["id"]]
+    assert len(mine) == 1, trail[:5]
+    assert (mine[0]["actor_user"], mine[0]["details"]["remote"],
+            mine[0]["details"]["study_uids"]) == ("cdoc", "PEER", [current, uid]), mine[0]
+    # "background": true in the body does the same; the prior is here already.
+    r = api.post(fetch, json={**body, "background": True})
+    assert r.status_code == 202 and "Preference-Applied" not in r.headers, r.text
+    again = finished(api, f"{world.server.url}{r.headers['Location']}")
+    assert again["state"] == "succeeded", again
+    assert again["result"]["studies"][0]["already_present"] == 1, again
+
+
+def finished(api: requests.Session, url: str) -> dict[str, Any]:
+    """Poll a job until it has finished."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = api.get(url, timeout=30)
+        assert r.status_code == 200, r.text
+        job: dict[str, Any] = r.json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        assert time.monotonic() < deadline, f"the job never finished: {job}"
+        time.sleep(0.2)
+
+
 @pytest.mark.postgres
 def test_sync_finds_a_study_committed_after_a_later_one(tmp_path: Path) -> None:
     """On PostgreSQL a transaction holding a lower study pk can commit after a higher pk

@@ -9,17 +9,20 @@ study and confirms the proposal on the timeline page; the clinic's nurse holds n
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pydicom
 import pytest
 import requests
 from playwright.sync_api import expect
 from pydicom.uid import generate_uid
 
-from conftest import Server, make_file, make_server, sign_in
+from conftest import Server, free_port, make_file, make_server, sign_in
 from test_auth import STOW_TYPE, stow_body
 
 if TYPE_CHECKING:
@@ -306,7 +309,7 @@ def peer(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
 
 def test_a_prior_on_another_archive_is_fetched_then_compared(
         page: Page, world: World, peer: Server, tmp_path: Any) -> None:
-    """Last in this module: the fetched study joins the clinic's record."""
+    """Near the end of this module: the fetched study joins the clinic's record."""
     uid = generate_uid()
     path = make_file(tmp_path, study=uid, PatientID="C-998", PatientName="Mueller^Jorg",
                      PatientBirthDate=BIRTH, PatientSex="M", BodyPartExamined="CHEST",
@@ -326,7 +329,14 @@ def test_a_prior_on_another_archive_is_fetched_then_compared(
     expect(remote).to_contain_text("CT chest elsewhere")
     expect(remote).to_contain_text("PEER")
     remote.get_by_test_id("fetch-prior").click()
-    expect(page.get_by_test_id("fetched")).to_contain_text("1 new image")
+    # A background job: progress (and Cancel) while it runs, then what arrived.
+    expect(remote.get_by_test_id("fetched")).to_have_text(" fetched: 1 new image(s)")
+    expect(remote.get_by_test_id("fetch-progress")).to_have_count(0)
+    expect(remote.get_by_test_id("cancel-fetch")).to_have_count(0)
+    expect(remote.get_by_test_id("fetch-error")).to_have_count(0)
+    jobs = world.api("cdoc").get(f"{world.url}/api/jobs", timeout=30).json()
+    assert [(j["kind"], j["study_uids"], j["state"]) for j in jobs][:1] == [
+        ("retrieve", [uid], "succeeded")], jobs[:1]
     remote.get_by_test_id("prior-link").click()
     page.wait_for_url(re.compile(
         f"/app/compare/{re.escape(world.studies['c1'])}/{re.escape(uid)}"))
@@ -334,3 +344,139 @@ def test_a_prior_on_another_archive_is_fetched_then_compared(
     right = page.frame_locator("[data-testid=right-frame]")
     right.get_by_test_id("series-thumbnail").first.click()
     expect(right.get_by_test_id("position")).to_have_text("1 / 1")
+
+
+@dataclass
+class HeldPeer:
+    """An archive in this process (pynetdicom) with one CT study of three images for C-998:
+    it answers C-FIND, and its first C-GET holds before the second image until
+    ``release``, then waits for the C-CANCEL; later C-GETs send everything."""
+
+    port: int
+    study: str
+    datasets: list[Any]
+    release: threading.Event = field(default_factory=threading.Event)
+    gets: int = 0
+    server: Any = None
+
+    def find(self, event: Any) -> Iterator[tuple[int, Any]]:
+        from pydicom.dataset import Dataset
+
+        asked = event.identifier
+        if asked.QueryRetrieveLevel == "STUDY" and asked.get("PatientID") == "C-998":
+            found = Dataset()
+            found.QueryRetrieveLevel = "STUDY"
+            first = self.datasets[0]
+            for name in ("StudyInstanceUID", "PatientID", "StudyDate", "StudyDescription"):
+                setattr(found, name, getattr(first, name))
+            found.ModalitiesInStudy = "CT"
+            yield 0xFF00, found
+        elif asked.QueryRetrieveLevel == "IMAGE":  # the SOP classes, before a C-GET
+            for ds in self.datasets:
+                found = Dataset()
+                found.QueryRetrieveLevel = "IMAGE"
+                found.SOPClassUID, found.SOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+                yield 0xFF00, found
+
+    def get(self, event: Any) -> Iterator[Any]:
+        self.gets += 1
+        hold = self.gets == 1
+        yield len(self.datasets)
+        for i, ds in enumerate(self.datasets):
+            if hold and i == 1:
+                self.release.wait(60)
+            if hold and i >= 2:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    if event.is_cancelled:  # true once per C-CANCEL
+                        yield 0xFE00, None
+                        return
+                    time.sleep(0.05)
+            yield 0xFF00, ds
+
+
+@pytest.fixture(scope="module")
+def held(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeldPeer]:
+    """HELDPEER, registered for the clinic."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    folder = tmp_path_factory.mktemp("held")
+    study, series = generate_uid(), generate_uid()
+    peer = HeldPeer(free_port(), study, [pydicom.dcmread(make_file(
+        folder, study=study, series=series, InstanceNumber=number, PatientID="C-998",
+        PatientName="Mueller^Jorg", PatientBirthDate=BIRTH, PatientSex="M",
+        BodyPartExamined="CHEST", StudyDate="20120101", StudyDescription="CT chest held"))
+        for number in (1, 2, 3)])
+    ae = AE(ae_title="HELDPEER")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    ae.dimse_timeout = ae.network_timeout = 60
+    peer.server = ae.start_server(("127.0.0.1", peer.port), block=False, evt_handlers=[
+        (evt.EVT_C_FIND, peer.find), (evt.EVT_C_GET, peer.get)])
+    try:
+        r = world.api("root").put(f"{world.url}/api/remote-aes/HELDPEER", json={
+            "host": "127.0.0.1", "port": peer.port, "organisation": "clinic"}, timeout=30)
+        assert r.status_code == 200, r.text
+        yield peer
+    finally:
+        peer.release.set()
+        peer.server.shutdown()
+
+
+def test_a_fetch_shows_its_progress_and_can_be_cancelled(
+        page: Page, world: World, held: HeldPeer) -> None:
+    """The peer holds the fetch after its first image: progress and Cancel while it runs;
+    cancelled, it says so and can be fetched again, then compared."""
+    ref = world.record("cdoc", "C-998")
+    log_in(page, world, "cdoc", f"/app/timeline/{ref}")
+    row = page.locator(f"[data-testid=timeline-study][data-study-uid='{world.studies['c1']}']")
+    row.get_by_test_id("compare-study").click()
+    page.get_by_test_id("search-remote").click()
+    item = page.locator(f"[data-testid=remote-prior][data-study-uid='{held.study}']")
+    expect(item).to_contain_text("CT chest held")
+    expect(item).to_contain_text("HELDPEER")
+    fetch = item.get_by_test_id("fetch-prior")
+    fetch.click()
+    progress = item.get_by_test_id("fetch-progress")
+    try:
+        expect(progress).to_have_text("Fetching… 1 of 3 images")
+        expect(fetch).to_have_count(0)  # replaced by the progress and Cancel
+        job = progress.get_attribute("data-job")
+        item.get_by_test_id("cancel-fetch").click()
+        error = item.get_by_test_id("fetch-error")
+        expect(error).to_have_text(
+            "The fetch was cancelled (1 image arrived; fetch again for the rest).")
+        expect(error).to_have_attribute("role", "alert")
+        expect(progress).to_have_count(0)
+        expect(item.get_by_test_id("cancel-fetch")).to_have_count(0)
+        expect(fetch).to_be_enabled()
+        expect(fetch).to_have_text("Fetch from HELDPEER")
+    finally:
+        held.release.set()
+    # The cancelled job stops once the peer lets go (C-CANCEL before the third image).
+    deadline = time.monotonic() + 45
+    while True:
+        stopped = world.api("cdoc").get(f"{world.url}/api/jobs/{job}", timeout=30).json()
+        if stopped["result"] is not None:
+            break
+        assert time.monotonic() < deadline, stopped
+        time.sleep(0.2)
+    assert stopped["state"] == "cancelled", stopped
+    assert stopped["result"]["studies"][0]["stored"] == 2, stopped
+
+    fetch.click()  # the rest, this time without a hold
+    expect(item.get_by_test_id("fetched")).to_have_text(" fetched: 1 new image(s)")
+    expect(item.get_by_test_id("fetch-error")).to_have_count(0)
+    item.get_by_test_id("prior-link").click()
+    page.wait_for_url(re.compile(
+        f"/app/compare/{re.escape(world.studies['c1'])}/{re.escape(held.study)}"))
+    expect(page.get_by_test_id("right-title")).to_contain_text("CT chest held")
+    right = page.frame_locator("[data-testid=right-frame]")
+    right.get_by_test_id("series-thumbnail").first.click()
+    expect(right.get_by_test_id("position")).to_have_text("1 / 3")

@@ -4,13 +4,16 @@ Reading needs the search permission (study.search); linking needs a clinician or
 merging an admin. A record, link or merge the caller cannot see (no visible study of
 each record involved) answers 404 like one that does not exist; a link never opens
 studies: the timeline shows only what the caller's own organisation and grants let it see.
+Fetching a remote prior runs in the request, or, with ``Prefer: respond-async`` or
+``"background": true``, as a background retrieve job (dimse/jobs.py): 202 and the job.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -22,6 +25,7 @@ from dicomshare.patients import timeline as tl
 from dicomshare.patients.identity import Patients
 from dicomshare.sharing.common import app_service
 from dicomshare.web.app import requires
+from dicomshare.web.jobs_api import JobModel, start_job, wants_async
 
 router = APIRouter(tags=["patients"])
 Reader = Annotated[Principal, Depends(requires(Action.SEARCH))]
@@ -49,6 +53,8 @@ class FetchBody(BaseModel):
     remote: str = Field(min_length=1, max_length=16)
     study_uid: str = Field(min_length=1, max_length=64)
     method: Literal["move", "get"] = "get"
+    background: bool = Field(False, description="run as a background retrieve job: 202 and "
+                             "the job (like the header Prefer: respond-async)")
 
 
 @router.get("/patients")
@@ -165,20 +171,40 @@ async def get_priors(request: Request, uid: str, who: Reader,
                                    request.app.state.settings, peers)
 
 
-@router.post("/studies/{uid}/priors/fetch")
+@router.post("/studies/{uid}/priors/fetch", response_model=dict[str, Any], responses={
+    202: {"model": JobModel, "description": "with `Prefer: respond-async` or `\"background\": "
+          "true`: the retrieve job, started (Location: /api/jobs/{id}); its `result` is "
+          "the report of `POST /api/remote-aes/{title}/retrieve`"}})
 async def fetch_prior(request: Request, uid: str, body: FetchBody,
-                      who: Reader) -> dict[str, Any]:
+                      who: Reader) -> dict[str, Any] | Response:
     """Retrieve one remote prior into this archive (C-GET, or C-MOVE to our AE title);
-    what arrives belongs to the caller's organisation."""
+    what arrives belongs to the caller's organisation. Asynchronously (the same checks
+    first): 202 and a retrieve job (``GET /api/jobs/{id}`` for its progress)."""
     patients = _patients(request)
     state = request.app.state
 
-    def run() -> dict[str, Any]:
+    def checked() -> RemoteAE:
         vis = patients.visibility(who)
         with patients.engine.connect() as conn:
             tl.current_study(patients, conn, vis, uid)  # 404 unless visible
         peer = _peers(request, who, [body.remote])[0]
         state.access.store_access(who)
+        return peer
+
+    if wants_async(request, body.background):
+        peer = await run_in_threadpool(checked)
+        started = await start_job(request, who, "retrieve", peer.ae_title, [body.study_uid],
+                                  body.method)
+        job_id = json.loads(bytes(started.body))["id"]
+        # The job records job.created and, when done, remote.retrieve with its outcome;
+        # this records what the synchronous route does: which study the prior is for.
+        await run_in_threadpool(lambda: state.access.record(
+            "patient.priors.fetch", who, wait=True, study_uids=[uid, body.study_uid],
+            details={"remote": peer.ae_title, "method": body.method, "job": job_id}))
+        return started
+
+    def run() -> dict[str, Any]:
+        peer = checked()
         reports = scu.retrieve(state.archive, state.settings, peer, [body.study_uid],
                                body.method, who, state.access)
         state.access.record("patient.priors.fetch", who, wait=True,

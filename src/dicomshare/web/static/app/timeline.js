@@ -3,6 +3,7 @@
 // modality and date, "View images" and "Compare with…" (a prior from
 // /api/studies/<uid>/priors, then the comparison page); the linked records, and the
 // proposed links the caller may confirm or reject. Server data goes in as text only.
+// A prior on another archive is fetched as a background job whose progress is shown.
 "use strict";
 
 const {api, el, clear, say} = DS;
@@ -138,30 +139,122 @@ async function showRemotePriors(study, box, button) {
   box.append(el("strong", {text: "On other archives:"}), list);
 }
 
+// Fetching runs as a background retrieve job (202, then GET /api/jobs/<id> about every
+// second): its progress and a Cancel button in the item until the job has finished.
+const FINISHED = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
+const POLL_MS = 1000;
+const POLL_ERRORS = 5;  // consecutive failed polls before giving up on following the job
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function images(n) {
+  return n === 1 ? "image" : "images";
+}
+
+function fetchProgress(job) {
+  if (job.state === "queued") return "Fetching… waiting to start";
+  const progress = job.progress || {};
+  const done = (progress.completed || 0) + (progress.warning || 0);
+  const failed = progress.failed ? `, ${progress.failed} failed` : "";
+  if (progress.total !== null && progress.total !== undefined) {
+    return `Fetching… ${done} of ${progress.total} ${images(progress.total)}${failed}`;
+  }
+  return `Fetching… ${done} ${images(done)}${failed}`;
+}
+
+// The job's report of the one study (as POST /api/remote-aes/<title>/retrieve gives it).
+function fetchReport(job) {
+  const studies = (job.result && job.result.studies) || [];
+  return studies[0] || null;
+}
+
+function fetchFailure(job) {
+  const rep = fetchReport(job);
+  const arrived = rep ? rep.stored + rep.already_present
+    : ((job.progress || {}).completed || 0);
+  const some = arrived ? ` (${arrived} ${images(arrived)} arrived; fetch again for the rest)`
+    : "";
+  if (job.state === "cancelled") return `The fetch was cancelled${some}.`;
+  if (job.state === "interrupted") {
+    return `The fetch was interrupted: ${job.error || "the server stopped"}${some}`;
+  }
+  return `The fetch failed: ${job.error || "the transfer did not complete"}${some}`;
+}
+
 async function fetchPrior(study, p, item, button) {
+  const label = `Fetch from ${p.remote}`;
+  for (const old of item.querySelectorAll("[data-testid=fetch-error]")) old.remove();
+  const fail = (text) => {
+    item.append(el("div", {className: "message error", role: "alert", testid: "fetch-error",
+                           text}));
+    button.disabled = false;
+    button.textContent = label;
+  };
   button.disabled = true;
   button.textContent = "Fetching…";
-  let done;
+  let job;
   try {
-    done = await api.post(
+    job = await api.post(
       `/api/studies/${encodeURIComponent(study.study_uid)}/priors/fetch`,
-      {remote: p.remote, study_uid: p.study_uid, method: "get"});
+      {remote: p.remote, study_uid: p.study_uid, method: "get", background: true});
   } catch (err) {
-    item.append(el("div", {className: "message error", role: "alert", text: DS.reason(err)}));
-    button.disabled = false;
-    button.textContent = `Fetch from ${p.remote}`;
+    fail(DS.reason(err));
     return;
   }
-  if (!(done.stored + done.already_present)) {
-    item.append(el("div", {className: "message error", role: "alert", testid: "fetch-error",
-                           text: done.comment || `nothing arrived (${done.outcome})`}));
-    button.disabled = false;
-    button.textContent = `Fetch from ${p.remote}`;
+  const jobPath = `/api/jobs/${encodeURIComponent(job.id)}`;
+  const progress = el("span", {className: "muted", testid: "fetch-progress",
+                               dataset: {job: String(job.id)}});
+  const cancel = el("button", {type: "button", className: "small secondary", text: "Cancel",
+                               testid: "cancel-fetch"});
+  const running = el("span", {}, progress, " ", cancel);
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      await api.post(`${jobPath}/cancel`);  // the next poll sees the job cancelled
+    } catch (err) {
+      // 409: it has just finished, and the next poll says how.
+      if (!(err instanceof DS.ApiError && err.status === 409)) {
+        item.append(el("div", {className: "message error", role: "alert",
+                               testid: "fetch-error", text: DS.reason(err)}));
+        cancel.disabled = false;
+      }
+    }
+  });
+  button.replaceWith(running);  // back in its place if the fetch does not succeed
+  let errors = 0;
+  while (!FINISHED.has(job.state)) {
+    progress.textContent = fetchProgress(job);
+    await sleep(POLL_MS);
+    if (!item.isConnected) return;  // the list was closed or replaced
+    try {
+      job = await api.get(jobPath);
+      errors = 0;
+    } catch (err) {
+      errors += 1;
+      if (errors >= POLL_ERRORS || (err instanceof DS.ApiError && err.status === 404)) {
+        running.replaceWith(button);
+        fail(`Cannot follow the fetch (${DS.reason(err)}); it may still finish in the ` +
+             "background: look for the prior again later.");
+        return;
+      }
+    }
+  }
+  if (!item.isConnected) return;
+  running.replaceWith(button);
+  const rep = fetchReport(job);
+  if (job.state !== "succeeded") {
+    fail(fetchFailure(job));
+    return;
+  }
+  if (!rep || !(rep.stored + rep.already_present)) {
+    fail((rep && rep.comment) || `nothing arrived (${rep ? rep.outcome : job.state})`);
     return;
   }
   clear(item).append(compareLink(study, p),
                      el("span", {className: "muted", testid: "fetched",
-                                 text: ` fetched: ${done.stored} new image(s)`}));
+                                 text: ` fetched: ${rep.stored} new image(s)`}));
 }
 
 function studyRow(study) {
