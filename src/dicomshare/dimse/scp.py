@@ -17,7 +17,8 @@ at a time, never pynetdicom's process-wide ``_config`` (the SCU side shares it):
 - associations wait on their sockets and queues instead of polling (reactor.py);
 - TLS listeners and TLS to peers registered with ``--tls`` (tls.py);
 - C-MOVE and C-GET sub-operations send the stored bytes from the blob (decompressed
-  only when the peer accepted nothing but uncompressed syntaxes for that instance);
+  only when the peer accepted nothing but uncompressed syntaxes for that instance;
+  outbound.py), the messages of every instance encoded directly (wire.py);
 - the calling AE title is checked against the registry on every association, so
   ``dicomshare ae add`` takes effect without a restart;
 - each presentation context is accepted with the transfer syntax its proposer put first.
@@ -43,24 +44,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import encode_file_meta, split_dataset
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomshare.access.grants import Grants
@@ -69,11 +67,11 @@ from dicomshare.access.policy import Action, Principal, Visibility
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
 from dicomshare.config import Settings
-from dicomshare.dicom import pixels, transfer
+from dicomshare.dicom import transfer
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.json import first as json_first
 from dicomshare.dicom.matching import Condition, Kind, Query
-from dicomshare.dimse import reactor, tls, translate, wire
+from dicomshare.dimse import outbound, reactor, tls, translate, wire
 from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
 from dicomshare.dimse.inbox import PREAMBLE, Inbox, Sink
@@ -86,9 +84,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
 PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
 PAGE_OVERLAP = 50  # matches each C-FIND page re-reads of the page before (see _on_find)
-MAX_CONTEXTS = 128
 STORE_ACCESS_TTL = 2.0  # seconds an association's store permissions are reused
-NATIVE = (transfer.EXPLICIT_VR_LE, transfer.IMPLICIT_VR_LE)
+NATIVE = outbound.NATIVE
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
 _PEER = "_dicomshare_peer"  # the RemoteAE an outbound association goes to, when known
 
@@ -384,12 +381,12 @@ class DicomService(StorageCommitment):
             yield 1
             yield translate.query_failure(exc), None
             return
-        yield peer.host, peer.port, {"contexts": _contexts_for(found), _PEER: peer,
+        yield peer.host, peer.port, {"contexts": outbound.contexts_for(found), _PEER: peer,
                                      "max_pdu": self.settings.dicom_max_pdu}
         yield from self._sub_operations(event, found)
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
-        _send_from_blobs(self, event.assoc)
+        outbound.send_from_blobs(self.archive, event.assoc)
         try:
             found = self._retrieve(event)
         except Exception as exc:  # noqa: BLE001
@@ -405,7 +402,7 @@ class DicomService(StorageCommitment):
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, _Stored(inst, originator)
+            yield PENDING, outbound.Stored(inst, originator)
 
     def _retrieve(self, event: evt.Event) -> list[StoredInstance]:
         """The instances a C-MOVE / C-GET identifier names, in archive order, once each."""
@@ -451,19 +448,6 @@ class DicomService(StorageCommitment):
                 places.append((translate.first_value(row, "0020000D"),
                                translate.first_value(row, "0020000E")))
         return places
-
-
-# -- sending: stored bytes ---------------------------------------------------------------
-class _Stored(Dataset):
-    """A stored instance in pynetdicom's retrieve loop (which wants a Dataset); the
-    association's send_c_store (see _send_from_blobs) sends it from its blob."""
-
-    def __init__(self, inst: StoredInstance, originator: str) -> None:
-        super().__init__()
-        self.SOPClassUID = inst.sop_class_uid
-        self.SOPInstanceUID = inst.sop_uid
-        self.instance = inst
-        self.originator = originator
 
 
 class _NotConnected:
@@ -562,130 +546,9 @@ class _ArchiveAE(reactor.EventLoopAE):
         if handshake is not None and handshake.error and not assoc.is_established:
             log.warning("cannot associate with %s: %s", kwargs["ae_title"], handshake.error)
         assoc.dul._run_loop_delay = 0.0005  # see Inbox.install
-        _send_from_blobs(self._service, assoc)
+        outbound.send_from_blobs(self._service.archive, assoc)
         assoc._dicomshare_outbound = True  # type: ignore[attr-defined]
         return assoc
-
-
-def _send_from_blobs(service: DicomService, assoc: Association) -> None:
-    """Make this association's send_c_store send _Stored instances from their blobs."""
-    original = assoc.send_c_store
-    if getattr(original, "func", None) is _send_stored:
-        return
-    setattr(assoc, "send_c_store", partial(_send_stored, service, assoc, original))  # noqa: B010
-
-
-def _send_stored(service: DicomService, assoc: Association, original: Callable[..., Dataset],
-                 dataset: Any, msg_id: int = 1, priority: int = 2,
-                 originator_aet: str | None = None, originator_id: int | None = None
-                 ) -> Dataset:
-    if not isinstance(dataset, _Stored):
-        return original(dataset, msg_id, priority, originator_aet, originator_id)
-    inst = dataset.instance
-    if originator_aet is not None:  # pynetdicom names itself; PS3.7 wants the requestor
-        originator_aet = dataset.originator or originator_aet
-    contexts = [cx for cx in assoc.accepted_contexts
-                if cx.abstract_syntax == inst.sop_class_uid and cx.as_scu]
-    exact = next((cx for cx in contexts if cx.transfer_syntax[0] == inst.transfer_syntax_uid),
-                 None)
-    send = partial(_c_store, assoc, inst, msg_id, priority, originator_aet, originator_id)
-    with service.archive.blobs.local_path(inst.blob_key) as path:
-        if exact is not None:
-            return send(exact, path)
-        native = next((cx for cx in contexts if cx.transfer_syntax[0] in NATIVE), None)
-        if native is None:
-            raise ValueError(f"the peer accepted no context for {inst.sop_class_uid} in "
-                             f"{transfer.name(inst.transfer_syntax_uid)} or uncompressed")
-        with tempfile.NamedTemporaryFile(suffix=".dcm") as converted:
-            pixels.transcode_to(path, str(native.transfer_syntax[0]), cast(BinaryIO, converted))
-            converted.flush()
-            return send(native, Path(converted.name))
-
-
-def _c_store(assoc: Association, inst: StoredInstance, msg_id: int, priority: int,
-             originator_aet: str | None, originator_id: int | None,
-             context: PresentationContext, path: Path) -> Dataset:
-    """Association.send_c_store for a file whose data set is sent as it is on disk."""
-    if reactor.installed(assoc):
-        send: Callable[[], None] = partial(_send_file, assoc, inst, msg_id, priority,
-                                           originator_aet, originator_id, context, path)
-    else:
-        request = _store_request(inst, msg_id, priority, originator_aet, originator_id, path)
-        send = partial(assoc.dimse.send_msg, request, cast(int, context.context_id))
-    outbound = getattr(assoc, "_dicomshare_outbound", False)
-    if not outbound or not getattr(assoc, "_dicomshare_held", False):
-        _hold_reactor(assoc, robust=outbound)
-    try:
-        send()
-        _, response = assoc.dimse.get_msg(block=True)
-    finally:
-        if not outbound:
-            assoc._reactor_checkpoint.set()
-    if response is None:
-        assoc._handle_no_response()
-        failed = Dataset()
-        failed.Status = 0xA700  # the retrieve loop counts it as a failed sub-operation
-        return failed
-    return assoc._check_received_status(response)
-
-
-def _send_file(assoc: Association, inst: StoredInstance, msg_id: int, priority: int,
-               originator_aet: str | None, originator_id: int | None,
-               context: PresentationContext, path: Path) -> None:
-    """C-STORE-RQ and the file's data set as PDUs encoded here (wire.py)."""
-    command = wire.c_store_rq(inst.sop_class_uid, inst.sop_uid, msg_id, priority,
-                              originator_aet, originator_id)
-    with open(path, "rb") as f:
-        offset = wire.data_set_offset(f.read(8192))
-        if offset is None:
-            offset = split_dataset(path)[1]
-        length = f.seek(0, os.SEEK_END) - offset
-        f.seek(offset)
-        reactor.send_raw(assoc, wire.message(cast(int, context.context_id), command,
-                                             assoc.dimse.maximum_pdu_size, f, length))
-
-
-def _store_request(inst: StoredInstance, msg_id: int, priority: int,
-                   originator_aet: str | None, originator_id: int | None,
-                   path: Path) -> C_STORE:
-    _, offset = split_dataset(path)
-    request = C_STORE()
-    request.MessageID = msg_id
-    request.Priority = priority
-    request.AffectedSOPClassUID = inst.sop_class_uid
-    request.AffectedSOPInstanceUID = inst.sop_uid
-    request.MoveOriginatorApplicationEntityTitle = originator_aet
-    request.MoveOriginatorMessageID = originator_id
-    request._dataset_path = (path, offset)
-    return request
-
-
-def _hold_reactor(assoc: Association, robust: bool) -> None:
-    """Stop the association's reactor from reading the responses we wait for.
-
-    pynetdicom's own pause (clear, then wait for ``_is_paused``) can pass while the
-    reactor is between its flag and its wait, and the reactor then swallows a C-STORE
-    response ("unexpected C-STORE service message"; the sub-operation hangs until the
-    DIMSE timeout). On associations we opened for C-MOVE the reactor has nothing else to
-    do, so it is held once, checked twice, and stays held until the release (which
-    resumes it)."""
-    assoc._reactor_checkpoint.clear()
-    for _ in range(2 if robust else 1):
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        if robust:
-            time.sleep(0.005)  # longer than one reactor iteration
-    if robust:
-        assoc._dicomshare_held = True  # type: ignore[attr-defined]
-
-
-def _contexts_for(found: list[StoredInstance]) -> list[PresentationContext]:
-    """Each stored (SOP class, transfer syntax) first, then uncompressed fallbacks."""
-    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
-    contexts = [build_context(sop_class, ts) for sop_class, ts in pairs]
-    contexts += [build_context(sop_class, list(NATIVE))
-                 for sop_class in dict.fromkeys(sop_class for sop_class, _ in pairs)]
-    return contexts[:MAX_CONTEXTS]
 
 
 # -- helpers ------------------------------------------------------------------------------
