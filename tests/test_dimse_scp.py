@@ -413,6 +413,39 @@ def test_malformed_data_sets_are_refused_with_a_reason(dicom: Server, tmp_path: 
         str(dicom.dicom_port))
 
 
+def test_one_audit_record_per_study_of_an_association(dicom: Server) -> None:
+    """A modality's series is audited as one ``study.store`` per study (PS3.15 A.5.3.2
+    DICOM Instances Transferred), with the counts, not once per instance."""
+    base = read_full(sample("CT_small.dcm"))
+    studies = [generate_uid(), generate_uid()]
+    assoc = associate(dicom, [build_context(CT, ExplicitVRLittleEndian)])
+    try:
+        for study, count in zip(studies, (3, 2), strict=True):
+            series = generate_uid()
+            for _ in range(count):
+                ds = copy.deepcopy(base)
+                ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # the last one again: already there
+    finally:
+        assoc.release()
+    session = dicom.session()
+    for study, stored, present in ((studies[0], 3, 0), (studies[1], 2, 1)):
+        records: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10  # written by the audit writer, after the release
+        while not records and time.monotonic() < deadline:
+            r = session.get(f"{dicom.url}/api/audit",
+                            params={"action": "study.store", "study": study})
+            assert r.status_code == 200, r.text
+            records = r.json()
+            time.sleep(0.1)
+        assert len(records) == 1, records
+        assert (records[0]["actor_user"], records[0]["actor_kind"]) == ("AE PYSCU", "ae")
+        assert records[0]["details"]["stored"] == stored
+        assert records[0]["details"]["already_present"] == present
+
+
 def test_association_aborted_mid_store_leaves_nothing(dicom: Server) -> None:
     ds = read_full(sample("CT_small.dcm"))
     ds.SOPInstanceUID = generate_uid()

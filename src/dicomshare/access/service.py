@@ -153,7 +153,10 @@ class Access:
 
     def store(self, who: Principal, temps: Iterable[TempBlob], study_uid: str | None = None,
               check_header: Callable[[Header], None] | None = None,
-              store_access: Visibility | None = None) -> list[StoreResult]:
+              store_access: Visibility | None = None, report: bool = True
+              ) -> list[StoreResult]:
+        """Store received blobs as ``who``. ``report=False``: the caller hands the results
+        to :meth:`report_stores` itself, later and together with others (DIMSE)."""
         temps = list(temps)
         if store_access is None:
             try:
@@ -166,6 +169,8 @@ class Access:
                                               owner=who.organisation_pk,
                                               store_access=store_access)
         self._after_store(who, results, store_access)
+        if report:
+            self.report_stores(who, results)
         return results
 
     def _after_store(self, who: Principal, results: list[StoreResult],
@@ -179,6 +184,11 @@ class Access:
                 if any(study in o.studies or patient in o.patients
                        for o in store_access.openings):
                     self.grants.reply_to_additions(who, study, patient, store_access)
+
+    def report_stores(self, who: Principal, results: list[StoreResult]) -> None:
+        """The audit record (``study.store``) and the monitoring event of stored results:
+        one per request, or per study and second of a DICOM association (PS3.15 A.5.3.2
+        DICOM Instances Transferred counts a study's instances, not each instance)."""
         if not results:
             return
         stored = [r for r in results if r.ok]

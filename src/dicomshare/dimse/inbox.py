@@ -14,13 +14,15 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 
-from dicomshare.archive import Archive
+from dicomshare.access.policy import Principal
+from dicomshare.archive import Archive, StoreResult
 from dicomshare.dimse import wire
 from dicomshare.errors import StorageFailure
 from dicomshare.storage.base import TempBlob
@@ -38,6 +40,33 @@ class Inbox:
         self.lock = threading.Lock()
         self.open: set[Sink] = set()
         self._after: list[Callable[[], None]] = []
+        self._reported: list[StoreResult] = []  # C-STORE results not yet audited
+        self._reported_since = 0.0
+        self._reporter: Principal | None = None
+
+    def hold_report(self, who: Principal, result: StoreResult, every: float
+                    ) -> tuple[Principal | None, list[StoreResult]]:
+        """Keep a C-STORE result for the association's next audit record; return the
+        results that are due now (another study began, or ``every`` seconds passed)."""
+        now = time.monotonic()
+        with self.lock:
+            due: list[StoreResult] = []
+            reporter = self._reporter
+            if self._reported and (self._reported[0].study_uid != result.study_uid
+                                   or now - self._reported_since >= every
+                                   or reporter is not who):
+                due, self._reported = self._reported, []
+            if not self._reported:
+                self._reported_since = now
+            self._reported.append(result)
+            self._reporter = who
+            return reporter, due
+
+    def take_reports(self) -> tuple[Principal | None, list[StoreResult]]:
+        """What is held (the association ended)."""
+        with self.lock:
+            held, self._reported = self._reported, []
+            return self._reporter, held
 
     def install(self) -> None:
         """Give each new DIMSE message a Sink for its data set; run after-response work

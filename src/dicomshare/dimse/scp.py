@@ -65,7 +65,7 @@ from dicomshare.access.grants import Grants
 from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, Visibility
 from dicomshare.access.service import Access
-from dicomshare.archive import Archive
+from dicomshare.archive import Archive, StoreResult
 from dicomshare.config import Settings
 from dicomshare.dicom import transfer
 from dicomshare.dicom.attributes import Level
@@ -85,6 +85,7 @@ PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
 PAGE = 500  # C-FIND matches read from the index at a time; also the UID-list chunk size
 PAGE_OVERLAP = 50  # matches each C-FIND page re-reads of the page before (see _on_find)
 STORE_ACCESS_TTL = 2.0  # seconds an association's store permissions are reused
+REPORT_EVERY = 1.0  # seconds of an association's C-STORE results one audit record covers
 NATIVE = outbound.NATIVE
 _NO_CONNECT = "_dicomshare_no_connect"  # see _ArchiveAE.associate
 _PEER = "_dicomshare_peer"  # the RemoteAE an outbound association goes to, when known
@@ -214,6 +215,9 @@ class DicomService(StorageCommitment):
             self._store_access.pop(id(event.assoc), None)
         if inbox is not None:
             inbox.discard_all()
+            reporter, held = inbox.take_reports()
+            if reporter is not None and held:
+                self.access.report_stores(reporter, held)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse callers the registry does not know (A-ASSOCIATE-RJ: calling AE title not
@@ -278,7 +282,9 @@ class DicomService(StorageCommitment):
         try:
             who = self._caller(event.assoc)
             may = self._may_store(event.assoc, who)
-            result = self.access.store(who, [temp], check_header=check, store_access=may)[0]
+            result = self.access.store(who, [temp], check_header=check, store_access=may,
+                                       report=False)[0]
+            self._report(event.assoc, who, result)
         except Forbidden as exc:  # the AE may not store at all (a read-only AE)
             self.archive.blobs.discard(temp)  # type: ignore[arg-type]
             return translate.failure(exc.failure_reason, exc.reason)
@@ -290,6 +296,18 @@ class DicomService(StorageCommitment):
             log.info("C-STORE from %s refused: %s", event.assoc.requestor.ae_title,
                      result.error.reason if result.error else "")
         return translate.store_status(result)
+
+    def _report(self, assoc: Association, who: Principal, result: StoreResult) -> None:
+        """Audit (and tell monitoring about) C-STORE results per study and REPORT_EVERY
+        seconds of an association, when the next study begins, and when it ends: one
+        record for a modality's 2,000-slice CT rather than 2,000."""
+        inbox = self._inbox(assoc)
+        if inbox is None:
+            self.access.report_stores(who, [result])
+            return
+        reporter, due = inbox.hold_report(who, result, REPORT_EVERY)
+        if reporter is not None and due:
+            self.access.report_stores(reporter, due)
 
     def _may_store(self, assoc: Association, who: Principal) -> Visibility:
         """Where the caller may store, read again at most every STORE_ACCESS_TTL seconds of
