@@ -121,9 +121,8 @@ class SqlIndex:
             .returning(s.instance.c.pk)
         self._study_pk = select(s.study.c.pk).where(
             s.study.c.study_instance_uid == bindparam("uid"))
-        self._series_pk = select(s.series.c.pk).where(
+        self._series_row = select(s.series.c.pk, s.series.c.study_pk).where(
             s.series.c.series_instance_uid == bindparam("uid"))
-        self._series_owner = select(s.series.c.study_pk).where(s.series.c.pk == bindparam("pk"))
         self._instance_sha = select(s.instance.c.sha256, s.instance.c.pk).where(
             s.instance.c.sop_instance_uid == bindparam("uid"))
         self._insert_instance_owner = self._insert_ignore(
@@ -146,24 +145,28 @@ class SqlIndex:
         now = _now()
         parents: dict[str, int] = {}  # study / series UID -> pk, within this transaction
         admitted: set[tuple[int, int | None, int]] = set()  # (study, owner, access) let in
+        owning: set[tuple[int, int]] = set()  # (study, organisation) known to be an owner
         with self._write_lock(), self.engine.begin() as conn:
-            return [self._add_one(conn, rec, now, parents, admitted) for rec in records]
+            return [self._add_one(conn, rec, now, parents, admitted, owning)
+                    for rec in records]
 
     def _add_one(self, conn: Connection, rec: InstanceRecord, now: datetime,
-                 parents: dict[str, int], admitted: set[tuple[int, int | None, int]]
-                 ) -> Outcome:
-        """Five statements on the common path (known study and series, new instance):
-        the instance, its owner, and the study's owner."""
+                 parents: dict[str, int], admitted: set[tuple[int, int | None, int]],
+                 owning: set[tuple[int, int]]) -> Outcome:
+        """Four to six statements on the common path (known study and series, new
+        instance): the study, the caller's right to add to it, the series, the instance
+        and its owner; the study's owner when it is not one yet."""
         h = rec.header
         v = h.values
         study_pk = parents.get(h.study_uid)
         if study_pk is None:
             study_pk = conn.execute(self._study_pk, {"uid": h.study_uid}).scalar_one_or_none()
-            if study_pk is not None and not self._may_add(conn, rec, study_pk, admitted):
+            if study_pk is not None and not self._may_add(conn, rec, study_pk, admitted,
+                                                          owning):
                 # Someone else's study: only a copy of what is already there is let in.
                 known = conn.execute(self._instance_sha, {"uid": h.sop_uid}).first()
                 if known is not None and known[0] == rec.sha256:
-                    self._own(conn, rec, known[1], study_pk)
+                    self._own(conn, rec, known[1], study_pk, owning)
                     return Outcome.ALREADY_PRESENT
                 return Outcome.FORBIDDEN
         study_pk = study_pk or self._parent(
@@ -179,12 +182,14 @@ class SqlIndex:
         parents[h.study_uid] = study_pk
         series_pk = parents.get(h.series_uid)
         if series_pk is None:
-            series_pk = self._parent(
-                conn, self._series_pk, self._insert_series, h.series_uid,
-                {**{_col(k): v.get(k) for k in _SERIES_VALUES}, "study_pk": study_pk,
-                 "series_instance_uid": h.series_uid,
-                 "created_at": now, "attributes": _dumps(h.series_json)})
-            owner = conn.execute(self._series_owner, {"pk": series_pk}).scalar_one()
+            found = conn.execute(self._series_row, {"uid": h.series_uid}).first()
+            if found is None:
+                conn.execute(self._insert_series, {
+                    **{_col(k): v.get(k) for k in _SERIES_VALUES}, "study_pk": study_pk,
+                    "series_instance_uid": h.series_uid,
+                    "created_at": now, "attributes": _dumps(h.series_json)})
+                found = conn.execute(self._series_row, {"uid": h.series_uid}).one()
+            series_pk, owner = int(found[0]), found[1]
             if owner != study_pk:  # the series already belongs to another study
                 conn.execute(delete(s.study).where(  # drop the study row made for it, if empty
                     s.study.c.pk == study_pk,
@@ -203,31 +208,37 @@ class SqlIndex:
             other_sha, other_pk = conn.execute(self._instance_sha, {"uid": h.sop_uid}).one()
             if other_sha != rec.sha256:
                 return Outcome.CONFLICT
-            self._own(conn, rec, other_pk, study_pk)  # identical bytes: a co-owner
+            self._own(conn, rec, other_pk, study_pk, owning)  # identical bytes: a co-owner
             return Outcome.ALREADY_PRESENT
-        self._own(conn, rec, inserted[0], study_pk)
+        self._own(conn, rec, inserted[0], study_pk, owning)
         return Outcome.STORED
 
     def _own(self, conn: Connection, rec: InstanceRecord, instance_pk: int,
-             study_pk: int) -> None:
+             study_pk: int, owning: set[tuple[int, int]]) -> None:
         if rec.owner is not None:
             conn.execute(self._insert_instance_owner,
                          {"instance_pk": instance_pk, "organisation_pk": rec.owner})
-            conn.execute(self._insert_study_owner,
-                         {"study_pk": study_pk, "organisation_pk": rec.owner})
+            if (study_pk, rec.owner) not in owning:
+                conn.execute(self._insert_study_owner,
+                             {"study_pk": study_pk, "organisation_pk": rec.owner})
+                owning.add((study_pk, rec.owner))
 
     def _may_add(self, conn: Connection, rec: InstanceRecord, study_pk: int,
-                 admitted: set[tuple[int, int | None, int]]) -> bool:
+                 admitted: set[tuple[int, int | None, int]],
+                 owning: set[tuple[int, int]]) -> bool:
         if rec.store_access is None or rec.store_access.everything:
             return True
         key = (study_pk, rec.owner, id(rec.store_access))
         if key in admitted:
             return True
         patient_id, issuer = conn.execute(self._study_patient, {"pk": study_pk}).one()
+        owners = owners_of_study(conn, study_pk)
         ok = may_add_to(rec.store_access, rec.owner, rec.header.study_uid,
-                        (patient_id or "", issuer or ""), owners_of_study(conn, study_pk))
+                        (patient_id or "", issuer or ""), owners)
         if ok:
             admitted.add(key)
+        if rec.owner is not None and rec.owner in owners:
+            owning.add((study_pk, rec.owner))  # its owner row exists: not inserted again
         return ok
 
     def _parent(self, conn: Connection, find: Any, insert: Insert, uid: str,
