@@ -9,12 +9,14 @@ be the same data set bytes.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -470,6 +472,64 @@ def test_association_aborted_mid_store_leaves_nothing(dicom: Server) -> None:
     run("echoscu", "-aet", "ECHOSCU", "-aec", dicom.ae_title, "127.0.0.1",
         str(dicom.dicom_port))
     assert "ok: index and blobs agree" in dicom.cli("check").stdout
+
+
+def _serving_process(server: Server, client_port: int) -> int:
+    """The pid of the worker process holding the server end of a connection from
+    ``client_port`` (from /proc: the socket's inode in /proc/net/tcp and in the fds)."""
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.split(":")[1], 16) == server.dicom_port
+                and int(remote.split(":")[1], 16) == client_port):
+            inode = fields[9]
+    assert inode, f"no server socket for client port {client_port}"
+    assert server.process is not None
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != server.process.pid:
+                continue
+            fds = list((stat.parent / "fd").iterdir())
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in fds):
+                return int(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise AssertionError(f"no worker holds socket {inode}")
+
+
+def _workers(server: Server) -> list[int]:
+    """The server's worker processes (uvicorn spawns them; not the resource tracker)."""
+    assert server.process is not None
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server.process.pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_associations_are_spread_over_the_workers(dicom: Server) -> None:
+    """All workers accept from one listening socket, and a worker that already serves an
+    association lets an idle one take the next: four modalities end up two per worker
+    (a hash of the addresses, as with SO_REUSEPORT, gave 3+1 or 4+0 in most runs)."""
+    assocs = []
+    try:
+        for _ in range(4):
+            assocs.append(associate(dicom, [build_context(CT, ExplicitVRLittleEndian)]))
+            time.sleep(0.2)
+        ports = [a.dul.socket.socket.getsockname()[1] for a in assocs]
+        serving = Counter(_serving_process(dicom, port) for port in ports)
+        counts = [serving.get(pid, 0) for pid in _workers(dicom)]
+        assert len(counts) > 1 and sum(counts) == 4
+        assert max(counts) - min(counts) <= 1, counts  # 2+2 on two CPUs
+    finally:
+        for a in assocs:
+            a.release()
 
 
 def test_garbage_on_the_port_does_not_stop_the_listener(dicom: Server) -> None:

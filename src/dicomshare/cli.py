@@ -176,10 +176,20 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     if wanted and dicom is None:
         return 1
     in_workers = dicom is not None and workers > 1 and settings.dicom_in_workers
+    handout = None
     if in_workers and dicom is not None:
+        from dicomshare.dimse import listeners
+
+        ports = {listeners.PLAIN: dicom.port, listeners.TLS: dicom.tls_port}
         dicom.stop()
         dicom = None
-        settings = dataclasses.replace(settings, dicom_reuse_port=True)
+        try:  # the ports stay bound here; the workers accept from them
+            handout = listeners.Handout({name: listeners.bind(settings.dicom_host, port)
+                                         for name, port in ports.items() if port})
+        except OSError as exc:
+            print(f"error: cannot listen for DICOM: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        settings = dataclasses.replace(settings, dicom_listeners=handout.address)
         print(f"DICOM: served by each of the {workers} worker processes",
               file=sys.stderr, flush=True)
     try:
@@ -202,6 +212,8 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
         if dicom is not None:
             dicom.stop()
             archive.close()
+        if handout is not None:
+            handout.close()
     return 0
 
 

@@ -50,7 +50,7 @@ class Settings:
     # (SO_REUSEPORT; the kernel spreads associations over them): several modalities at
     # once use every CPU. False: one listener, in the supervisor process.
     dicom_in_workers: bool = True
-    dicom_reuse_port: bool = False  # set by `serve` for its workers, not by hand
+    dicom_listeners: str = ""  # where workers fetch the DICOM listening sockets (`serve`)
     # Seconds between pending C-MOVE / C-GET responses (progress; the first and the final
     # response always go). 0: one after every sub-operation, as pynetdicom does.
     dicom_pending_interval: float = 0.5

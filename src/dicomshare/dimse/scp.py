@@ -71,7 +71,7 @@ from dicomshare.dicom import transfer
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.json import first as json_first
 from dicomshare.dicom.matching import Condition, Kind, Query
-from dicomshare.dimse import outbound, reactor, tls, translate, wire
+from dicomshare.dimse import listeners, outbound, reactor, tls, translate, wire
 from dicomshare.dimse.aes import AERegistry, RemoteAE
 from dicomshare.dimse.commitment import COMMITMENT, StorageCommitment
 from dicomshare.dimse.inbox import PREAMBLE, Inbox, Sink
@@ -96,8 +96,10 @@ class DicomService(StorageCommitment):
     """One AE listening on ``dicom_host:dicom_port`` and, with TLS, on ``dicom_tls_port``
     (either port may be 0: not that one); start() returns at once."""
 
-    def __init__(self, settings: Settings, archive: Archive, access: Access | None = None) -> None:
+    def __init__(self, settings: Settings, archive: Archive, access: Access | None = None,
+                 shared: dict[str, socket.socket] | None = None) -> None:
         self.settings = settings
+        self.shared = shared or {}  # listening sockets `serve` hands its workers
         self.archive = archive
         self.registry = AERegistry(archive.index.engine)
         if access is None:
@@ -114,6 +116,11 @@ class DicomService(StorageCommitment):
         # association -> (until when, where it may store): see _store_access
         self._store_access: dict[int, tuple[float, Visibility]] = {}
         self._lock = threading.Lock()
+
+    def associations(self) -> int:
+        """How many associations this process serves now."""
+        with self._lock:
+            return len(self._inboxes)
 
     @property
     def port(self) -> int:
@@ -477,15 +484,6 @@ class _NotConnected:
         pass
 
 
-class _ReusePort:
-    """Bind with SO_REUSEPORT: each HTTP worker process listens on the same DICOM port."""
-
-    def server_bind(self) -> None:
-        sock: socket.socket = self.socket  # type: ignore[attr-defined]
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()  # type: ignore[misc]
-
-
 class _NoForcedCollect:
     """pynetdicom's accept loop runs a full ``gc.collect()`` every 60 turns (for
     association threads it saw linger): with an archive's heap that is a pause of a tenth
@@ -504,21 +502,18 @@ class _TLSServer(_NoForcedCollect, tls.TLSServer):
     pass
 
 
-class _SharedServer(_ReusePort, _Server):
-    pass
-
-
-class _SharedTLSServer(_ReusePort, _TLSServer):
-    pass
-
-
 def serve_in_worker(settings: Settings, archive: Archive, access: Access
                     ) -> DicomService | None:
-    """This worker process's DICOM listener(s) beside the others (``serve`` checked the
-    ports and settings before starting the workers); None when it cannot listen."""
-    if not settings.dicom_reuse_port or not (settings.dicom_port or settings.dicom_tls_port):
+    """This worker process's share of the DICOM listener(s) ``serve`` holds (it checked
+    the ports and settings before starting the workers); None when it cannot have it."""
+    if not settings.dicom_listeners or not (settings.dicom_port or settings.dicom_tls_port):
         return None
-    service = DicomService(settings, archive, access)
+    try:
+        shared = listeners.fetch(settings.dicom_listeners)
+    except OSError as exc:
+        log.error("this worker does not listen for DICOM: %s", exc)
+        return None
+    service = DicomService(settings, archive, access, shared)
     try:
         service.start()
     except (OSError, DicomshareError) as exc:
@@ -539,10 +534,10 @@ class _ArchiveAE(reactor.EventLoopAE):
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         tls_server = kwargs.get("ssl_context") is not None
-        if self._service.settings.dicom_reuse_port:
-            kwargs["server_class"] = _SharedTLSServer if tls_server else _SharedServer
-        else:
-            kwargs["server_class"] = _TLSServer if tls_server else _Server
+        base = _TLSServer if tls_server else _Server
+        shared = self._service.shared.get(listeners.TLS if tls_server else listeners.PLAIN)
+        kwargs["server_class"] = (base if shared is None else
+                                  listeners.adopting(base, shared, self._service.associations))
         return super().make_server(*args, **kwargs)
 
     def associate(self, *args: Any, **kwargs: Any) -> Association:
