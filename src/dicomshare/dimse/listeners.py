@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,9 +52,13 @@ class Handout:
 
     def __init__(self, sockets: dict[str, socket.socket]) -> None:
         self.sockets = sockets
-        # Abstract namespace (no file; "@" stands for the NUL an environment cannot hold);
-        # SO_PEERCRED limits it to this user's processes.
-        self.address = f"@dicomshare-{os.getpid()}-{uuid.uuid4().hex}"
+        # Linux: the abstract namespace (no file; "@" stands for the NUL an environment
+        # cannot hold), limited to this user's processes by SO_PEERCRED. Elsewhere a
+        # socket file in a private folder.
+        name = f"dicomshare-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._folder = None if sys.platform == "linux" else tempfile.mkdtemp()
+        self.address = (f"@{name}" if self._folder is None
+                        else os.path.join(self._folder, "dicom.sock"))
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(_unix(self.address))
         self._server.listen(16)
@@ -69,9 +76,7 @@ class Handout:
                 return  # closed
             with conn:
                 try:
-                    pid, uid, _gid = struct.unpack(
-                        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                              struct.calcsize("3i")))
+                    pid, uid = _peer(conn)
                     if uid != os.getuid():
                         log.warning("refused DICOM listeners to process %d of user %d",
                                     pid, uid)
@@ -84,6 +89,17 @@ class Handout:
         self._server.close()
         for sock in self.sockets.values():
             sock.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and user id (the folder's mode guards elsewhere)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return -1, os.getuid()
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
 
 
 def fetch(address: str) -> dict[str, socket.socket]:
