@@ -134,7 +134,7 @@ def register(server: Server, title: str, port: int) -> None:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory,
           slow: SlowPeer) -> Iterator[tuple[Server, Server]]:
-    env = {"DICOMSHARE_WORKERS": "2", "DICOMSHARE_EXPORT_STALE_SECONDS": "2"}
+    env = {"DICOMSHARE_WORKERS": "2", "DICOMSHARE_TRANSFER_STALE_SECONDS": "2"}
     schema = None
     if POSTGRES_URL:
         env["DICOMSHARE_DATABASE_URL"], schema = postgres_schema_url(POSTGRES_URL)

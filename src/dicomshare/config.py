@@ -84,6 +84,9 @@ class Settings:
     oidc_username_claim: str = "preferred_username"  # claim naming the local user
     # A running export whose worker sent no heartbeat for this long is resumed by another.
     export_stale_seconds: int = 60
+    # A running background transfer (dimse/jobs.py) without a heartbeat for this long is
+    # marked interrupted (never re-run by itself).
+    transfer_stale_seconds: int = 60
     # Burned-in text masking for exports: rule files (comma-separated paths), and whether
     # the generic shipped rules apply too. Without a matching rule: held back.
     deid_mask_rules: tuple[str, ...] = ()

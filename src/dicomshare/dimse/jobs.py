@@ -9,7 +9,7 @@ created them (re-read, so a disabled user or a lost permission fails the job), a
 progress and a heartbeat at most every half second, never once per instance. Cancelling
 is a state change the running job notices on its next write: a send stops between
 instances, a retrieve sends C-CANCEL. A running job whose worker died (no heartbeat for
-``export_stale_seconds``) becomes ``interrupted`` and is never re-run by itself: a
+``transfer_stale_seconds``) becomes ``interrupted`` and is never re-run by itself: a
 half-done C-STORE into someone else's PACS is for a person to retry.
 """
 
@@ -253,7 +253,7 @@ class TransferWorker:
         self.engine: Engine = archive.index.engine
         self.poll = poll_seconds
         self.stale = float(stale_seconds if stale_seconds is not None
-                           else archive.settings.export_stale_seconds)
+                           else archive.settings.transfer_stale_seconds)
         self.beat_seconds = max(FLUSH_SECONDS, min(10.0, self.stale / 4))
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[-100:]
         self.wake = threading.Event()

@@ -85,12 +85,23 @@ def _job_response(request: Request, job: Job, status: int) -> JSONResponse:
     return JSONResponse(job.as_json(), status_code=status, headers=headers)
 
 
+async def create_job(request: Request, who: Principal, kind: str, ae_title: str,
+                     study_uids: list[str], method: str | None = None) -> Job:
+    """The route's checks, then a queued job."""
+    return await run_in_threadpool(_jobs(request).create, who, kind, ae_title, study_uids,
+                                   method)
+
+
+def accepted(request: Request, job: Job) -> JSONResponse:
+    """202 with the job and its Location."""
+    return _job_response(request, job, 202)
+
+
 async def start_job(request: Request, who: Principal, kind: str, ae_title: str,
                     study_uids: list[str], method: str | None = None) -> JSONResponse:
     """The route's checks, a queued job, and 202 with its Location (web/api.py)."""
-    job = await run_in_threadpool(_jobs(request).create, who, kind, ae_title, study_uids,
-                                  method)
-    return _job_response(request, job, 202)
+    return accepted(request, await create_job(request, who, kind, ae_title, study_uids,
+                                              method))
 
 
 def _job_id(raw: str) -> int:

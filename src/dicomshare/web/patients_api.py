@@ -10,7 +10,6 @@ Fetching a remote prior runs in the request, or, with ``Prefer: respond-async`` 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -25,7 +24,7 @@ from dicomshare.patients import timeline as tl
 from dicomshare.patients.identity import Patients
 from dicomshare.sharing.common import app_service
 from dicomshare.web.app import requires
-from dicomshare.web.jobs_api import JobModel, start_job, wants_async
+from dicomshare.web.jobs_api import JobModel, accepted, create_job, wants_async
 
 router = APIRouter(tags=["patients"])
 Reader = Annotated[Principal, Depends(requires(Action.SEARCH))]
@@ -193,15 +192,14 @@ async def fetch_prior(request: Request, uid: str, body: FetchBody,
 
     if wants_async(request, body.background):
         peer = await run_in_threadpool(checked)
-        started = await start_job(request, who, "retrieve", peer.ae_title, [body.study_uid],
-                                  body.method)
-        job_id = json.loads(bytes(started.body))["id"]
+        job = await create_job(request, who, "retrieve", peer.ae_title, [body.study_uid],
+                               body.method)
         # The job records job.created and, when done, remote.retrieve with its outcome;
         # this records what the synchronous route does: which study the prior is for.
         await run_in_threadpool(lambda: state.access.record(
             "patient.priors.fetch", who, wait=True, study_uids=[uid, body.study_uid],
-            details={"remote": peer.ae_title, "method": body.method, "job": job_id}))
-        return started
+            details={"remote": peer.ae_title, "method": body.method, "job": job.id}))
+        return accepted(request, job)
 
     def run() -> dict[str, Any]:
         peer = checked()
