@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from dicomshare import clock
 from dicomshare.access.policy import ROLES, SCOPES, Principal, parse_scopes
-from dicomshare.errors import Conflict, InvalidInput, NotFound
+from dicomshare.errors import Conflict, Forbidden, InvalidInput, NotFound
 from dicomshare.storage import schema as s
 
 TOKEN_PREFIX = "dsh_"
@@ -227,6 +227,20 @@ class Identities:
         if row is None:
             raise NotFound(f"no user {name!r}")
         return principal_of(row, kind)
+
+    def active_user(self, user_pk: int, kind: str, scopes: frozenset[str]) -> Principal:
+        """A user as they are now (background work they started); Forbidden when they
+        are gone or disabled."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(*_USER_COLUMNS)
+                .join(s.organisation, s.user.c.organisation_pk == s.organisation.c.pk)
+                .where(s.user.c.pk == user_pk)).first()
+        if row is None:
+            raise Forbidden("the user no longer exists")
+        if row.disabled_at is not None:
+            raise Forbidden(f"user {row.name} was disabled")
+        return principal_of(row, kind, scopes)
 
     def _user(self, name: str) -> Any:
         with self.engine.connect() as conn:

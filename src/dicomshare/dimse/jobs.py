@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from dicomshare import clock
+from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, check, parse_scopes
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
@@ -359,27 +360,14 @@ class TransferWorker:
 
     def _principal(self, row: Any) -> Principal:
         """The job's creator as they are now, within the scopes they created it with."""
-        u = s.user
-        with self.engine.connect() as conn:
-            user = conn.execute(
-                select(u.c.pk, u.c.name, u.c.role, u.c.superuser, u.c.disabled_at,
-                       s.organisation.c.name.label("organisation"),
-                       s.organisation.c.pk.label("organisation_pk"))
-                .join(s.organisation, u.c.organisation_pk == s.organisation.c.pk)
-                .where(u.c.pk == row.created_by_user_pk)).first()
-        if user is None:
-            raise Forbidden("the user who created the job no longer exists")
-        if user.disabled_at is not None:
-            raise Forbidden(f"user {user.name} was disabled after creating the job")
-        who = Principal(user.name, user.organisation, user.role, user_pk=user.pk,
-                        organisation_pk=user.organisation_pk, superuser=bool(user.superuser),
-                        scopes=parse_scopes(row.scopes), kind="job", source=f"job {row.pk}")
         try:
+            who = Identities(self.engine).active_user(row.created_by_user_pk, "job",
+                                                      parse_scopes(row.scopes))
             check(who, Action.REMOTE)
         except Forbidden as exc:
-            raise Forbidden(f"user {user.name} may no longer use remote archives: "
+            raise Forbidden(f"the job's creator may no longer use remote archives: "
                             f"{exc.reason}") from None
-        return who
+        return replace(who, source=f"job {row.pk}")
 
     def _finish(self, run: _Run, state: str, error: str | None,
                 result: dict[str, Any] | None) -> None:
