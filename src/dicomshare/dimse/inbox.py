@@ -21,7 +21,7 @@ from typing import Any, cast
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 
-from dicomshare.access.policy import Principal
+from dicomshare.access.policy import Principal, Visibility
 from dicomshare.archive import Archive, StoreResult
 from dicomshare.dimse import wire
 from dicomshare.errors import StorageFailure
@@ -32,7 +32,8 @@ PREAMBLE = wire.PREAMBLE
 
 
 class Inbox:
-    """Per association: the temp blobs being received, and work to do after a response."""
+    """Per association: the temp blobs being received, work to do after a response, its
+    store permissions and the C-STORE results its next audit record covers."""
 
     def __init__(self, archive: Archive, assoc: Association) -> None:
         self.archive = archive
@@ -40,6 +41,7 @@ class Inbox:
         self.lock = threading.Lock()
         self.open: set[Sink] = set()
         self._after: list[Callable[[], None]] = []
+        self.may_store: tuple[float, Visibility] | None = None  # until when (scp.py)
         self._reported: list[StoreResult] = []  # C-STORE results not yet audited
         self._reported_since = 0.0
         self._reporter: Principal | None = None

@@ -113,8 +113,6 @@ class DicomService(StorageCommitment):
         self._tls_server: ThreadedAssociationServer | None = None
         self._inboxes: dict[int, Inbox] = {}
         self._callers: dict[int, Principal] = {}  # association -> who it acts for
-        # association -> (until when, where it may store): see _store_access
-        self._store_access: dict[int, tuple[float, Visibility]] = {}
         self._lock = threading.Lock()
 
     def associations(self) -> int:
@@ -219,7 +217,6 @@ class DicomService(StorageCommitment):
         with self._lock:
             inbox = self._inboxes.pop(id(event.assoc), None)
             self._callers.pop(id(event.assoc), None)
-            self._store_access.pop(id(event.assoc), None)
         if inbox is not None:
             inbox.discard_all()
             reporter, held = inbox.take_reports()
@@ -321,14 +318,12 @@ class DicomService(StorageCommitment):
         an association: a modality sending a study asked the database for its grants
         once per instance (a fifth of the index work). A grant revoked meanwhile stops
         counting within that time; a refusal is never remembered."""
-        now = time.monotonic()
-        with self._lock:
-            until, may = self._store_access.get(id(assoc), (0.0, None))
-        if may is not None and now < until:
-            return may
+        inbox, now = self._inbox(assoc), time.monotonic()
+        if inbox is not None and inbox.may_store is not None and now < inbox.may_store[0]:
+            return inbox.may_store[1]
         may = self.access.store_access(who)
-        with self._lock:
-            self._store_access[id(assoc)] = (now + STORE_ACCESS_TTL, may)
+        if inbox is not None:  # only this association's thread reads and writes it
+            inbox.may_store = (now + STORE_ACCESS_TTL, may)
         return may
 
     def _received(self, event: evt.Event) -> TempBlob:
