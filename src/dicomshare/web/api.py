@@ -218,13 +218,12 @@ async def remote_retrieve(request: Request, title: str, body: RetrieveRequest,
     study, whatever each study's outcome. What arrives belongs to the caller's
     organisation (C-MOVE: to the peer's, which is the same). Asynchronously: 202 and
     the job."""
+    if wants_async(request, body.background):  # the job makes the same checks first
+        return await start_job(request, who, "retrieve", title, body.study_uids, body.method)
     archive, settings, registry = _context(request)
     access: Access = request.app.state.access
     peer = await run_in_threadpool(registry.usable_by, who, title)
     await run_in_threadpool(access.store_access, who)
-    if wants_async(request, body.background):
-        return await start_job(request, who, "retrieve", peer.ae_title, body.study_uids,
-                               body.method)
     reports = await run_in_threadpool(scu.retrieve, archive, settings, peer, body.study_uids,
                                       body.method, who, access)
     await _audit(request, "remote.retrieve", who, {"ae_title": peer.ae_title,
@@ -239,10 +238,10 @@ async def send(request: Request, body: SendRequest, who: RemoteUser) -> SendResp
     stored; 200 with a result per instance, whatever each outcome. Studies the caller
     may not download answer 404. Asynchronously (the same checks first): 202 and the
     job."""
+    if wants_async(request, body.background):  # the job makes the same checks first
+        return await start_job(request, who, "send", body.destination, body.study_uids)
     archive, settings, registry = _context(request)
     peer = await run_in_threadpool(registry.usable_by, who, body.destination)
-    if wants_async(request, body.background):
-        return await start_job(request, who, "send", peer.ae_title, body.study_uids)
     access: Access = request.app.state.access
     report = await run_in_threadpool(scu.send, archive, settings, peer, body.study_uids,
                                      who, access)
