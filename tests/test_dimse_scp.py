@@ -448,6 +448,34 @@ def test_one_audit_record_per_study_of_an_association(dicom: Server) -> None:
         assert records[0]["details"]["already_present"] == present
 
 
+def test_a_quiet_association_is_audited_while_it_stays_open(dicom: Server) -> None:
+    """A modality that sends a study and keeps its association open: the study's
+    ``study.store`` record (and new-study notice) does not wait for the release."""
+    ds = read_full(sample("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    session = dicom.session()
+    assoc = associate(dicom, [build_context(CT, ExplicitVRLittleEndian)])
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+        records: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while not records and time.monotonic() < deadline:
+            r = session.get(f"{dicom.url}/api/audit",
+                            params={"action": "study.store", "study": ds.StudyInstanceUID})
+            assert r.status_code == 200, r.text
+            records = r.json()
+            time.sleep(0.2)
+        assert assoc.is_established  # still open: written because it went quiet
+        assert [rec["details"]["stored"] for rec in records] == [1]
+    finally:
+        assoc.release()
+    time.sleep(0.5)  # the release writes nothing more: the result was reported once
+    r = session.get(f"{dicom.url}/api/audit",
+                    params={"action": "study.store", "study": ds.StudyInstanceUID})
+    assert len(r.json()) == 1, r.json()
+
+
 def test_association_aborted_mid_store_leaves_nothing(dicom: Server) -> None:
     ds = read_full(sample("CT_small.dcm"))
     ds.SOPInstanceUID = generate_uid()

@@ -64,9 +64,14 @@ class Inbox:
             self._reporter = who
             return reporter, due
 
-    def take_reports(self) -> tuple[Principal | None, list[StoreResult]]:
-        """What is held (the association ended)."""
+    def take_reports(self, older_than: float | None = None
+                     ) -> tuple[Principal | None, list[StoreResult]]:
+        """What is held: all of it (the association ended), or only when the first held
+        result is ``older_than`` seconds old (an association that went quiet)."""
         with self.lock:
+            if (older_than is not None and self._reported
+                    and time.monotonic() - self._reported_since < older_than):
+                return self._reporter, []
             held, self._reported = self._reported, []
             return self._reporter, held
 

@@ -114,6 +114,8 @@ class DicomService(StorageCommitment):
         self._inboxes: dict[int, Inbox] = {}
         self._callers: dict[int, Principal] = {}  # association -> who it acts for
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._reporter: threading.Thread | None = None
 
     def associations(self) -> int:
         """How many associations this process serves now."""
@@ -175,6 +177,10 @@ class DicomService(StorageCommitment):
         except BaseException:
             self.stop()
             raise
+        self._stopping.clear()
+        self._reporter = threading.Thread(target=self._report_quiet, daemon=True,
+                                          name="dicom-store-audit")
+        self._reporter.start()
 
     def _listen(self, port: int, handlers: list[Any],
                 context: Any) -> ThreadedAssociationServer:
@@ -192,11 +198,16 @@ class DicomService(StorageCommitment):
         """Stop listening and end the associations in progress (their temp blobs go)."""
         self.ae.shutdown()  # every listener this AE started
         self._server = self._tls_server = None
+        self._stopping.set()
+        if self._reporter is not None:
+            self._reporter.join(timeout=5)
+            self._reporter = None
         with self._lock:
             inboxes = list(self._inboxes.values())
             self._inboxes.clear()
         for inbox in inboxes:
             inbox.discard_all()
+            self._report_held(inbox, None)
 
     # -- association life ------------------------------------------------------------------
     def _on_open(self, event: evt.Event) -> None:
@@ -219,9 +230,25 @@ class DicomService(StorageCommitment):
             self._callers.pop(id(event.assoc), None)
         if inbox is not None:
             inbox.discard_all()
-            reporter, held = inbox.take_reports()
-            if reporter is not None and held:
-                self.access.report_stores(reporter, held)
+            self._report_held(inbox, None)
+
+    def _report_held(self, inbox: Inbox, older_than: float | None) -> None:
+        reporter, held = inbox.take_reports(older_than)
+        if reporter is not None and held:
+            self.access.report_stores(reporter, held)
+
+    def _report_quiet(self) -> None:
+        """Audit what associations that went quiet still hold: a modality that keeps its
+        association open after a study is audited within about 2 * REPORT_EVERY, not when
+        it next sends or disconnects (nor never, if the process dies meanwhile)."""
+        while not self._stopping.wait(REPORT_EVERY):
+            with self._lock:
+                inboxes = list(self._inboxes.values())
+            for inbox in inboxes:
+                try:
+                    self._report_held(inbox, REPORT_EVERY)
+                except Exception:  # the audit store is down: the next turn tries again
+                    log.exception("cannot audit the C-STORE results of an association")
 
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse callers the registry does not know (A-ASSOCIATE-RJ: calling AE title not
