@@ -371,17 +371,21 @@ def reference_receivers(files: list[Path], slots: datagen.SlotAllocator, tmp: Pa
                         assoc: int, dimse_timeout: int, label: str) -> str:
     """What the same storescu runs reach against DCMTK's own storescp: receiving only
     (`--ignore`: the client's and the network's share) and writing each file (no fsync,
-    one process: a C++ receiver that keeps nothing durable). A note, not a row: it bounds
-    what any archive can show in this harness on this machine."""
+    one process: a C++ receiver that keeps nothing durable; with several associations also
+    `--fork`, a process per association). A note, not a row: it bounds what any archive
+    can show in this harness on this machine."""
     figures = []
-    for what, extra in (("--ignore", ["--ignore"]), ("writing files", ["-od"])):
+    modes = [("--ignore", ["--ignore"]), ("writing files", ["-od"])]
+    if assoc > 1:
+        modes.append(("writing files, a process per association", ["--fork", "-od"]))
+    for what, extra in modes:
         slot = slots.take()
         dest = tmp / f"reference-{slot}"
         dirs = write_copy(files, slot, dest, assoc)
         out = tmp / f"reference-out-{slot}"
         out.mkdir()
         port = free_port()
-        args = [*extra, str(out)] if extra == ["-od"] else extra
+        args = [*extra, str(out)] if "-od" in extra else extra
         with (tmp / f"reference-{slot}.log").open("wb") as logf:
             proc = subprocess.Popen(["storescp", *args, "-aet", "REFERENCE", str(port)],
                                     stdout=logf, stderr=subprocess.STDOUT,
