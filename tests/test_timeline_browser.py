@@ -453,6 +453,10 @@ def test_a_fetch_shows_its_progress_and_can_be_cancelled(
         expect(error).to_have_text(
             "The fetch was cancelled (1 image arrived; fetch again for the rest).")
         expect(error).to_have_attribute("role", "alert")
+        partial = item.get_by_test_id("partial-prior-link")  # what arrived can be compared
+        expect(partial).to_have_text("Compare the 1 image that arrived")
+        expect(partial).to_have_attribute("href", re.compile(
+            f"/app/compare/{re.escape(world.studies['c1'])}/{re.escape(held.study)}"))
         expect(progress).to_have_count(0)
         expect(item.get_by_test_id("cancel-fetch")).to_have_count(0)
         expect(fetch).to_be_enabled()
@@ -473,6 +477,7 @@ def test_a_fetch_shows_its_progress_and_can_be_cancelled(
     fetch.click()  # the rest, this time without a hold
     expect(item.get_by_test_id("fetched")).to_have_text(" fetched: 1 new image(s)")
     expect(item.get_by_test_id("fetch-error")).to_have_count(0)
+    expect(item.get_by_test_id("partial-prior-link")).to_have_count(0)
     item.get_by_test_id("prior-link").click()
     page.wait_for_url(re.compile(
         f"/app/compare/{re.escape(world.studies['c1'])}/{re.escape(held.study)}"))

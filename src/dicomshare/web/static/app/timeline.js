@@ -170,10 +170,14 @@ function fetchReport(job) {
   return studies[0] || null;
 }
 
-function fetchFailure(job) {
+// Images of the study that reached the archive, also when the fetch did not finish.
+function arrivedCount(job) {
   const rep = fetchReport(job);
-  const arrived = rep ? rep.stored + rep.already_present
-    : ((job.progress || {}).completed || 0);
+  return rep ? rep.stored + rep.already_present : ((job.progress || {}).completed || 0);
+}
+
+function fetchFailure(job) {
+  const arrived = arrivedCount(job);
   const some = arrived ? ` (${arrived} ${images(arrived)} arrived; fetch again for the rest)`
     : "";
   if (job.state === "cancelled") return `The fetch was cancelled${some}.`;
@@ -185,7 +189,8 @@ function fetchFailure(job) {
 
 async function fetchPrior(study, p, item, button) {
   const label = `Fetch from ${p.remote}`;
-  for (const old of item.querySelectorAll("[data-testid=fetch-error]")) old.remove();
+  for (const old of item.querySelectorAll(
+    "[data-testid=fetch-error], [data-testid=partial-prior-link]")) old.remove();
   const fail = (text) => {
     item.append(el("div", {className: "message error", role: "alert", testid: "fetch-error",
                            text}));
@@ -246,6 +251,13 @@ async function fetchPrior(study, p, item, button) {
   const rep = fetchReport(job);
   if (job.state !== "succeeded") {
     fail(fetchFailure(job));
+    const arrived = arrivedCount(job);
+    if (arrived) {  // what did arrive can be compared now; fetching again adds the rest
+      const partial = compareLink(study, p);
+      partial.dataset.testid = "partial-prior-link";
+      partial.textContent = `Compare the ${arrived} ${images(arrived)} that arrived`;
+      item.append(partial);
+    }
     return;
   }
   if (!rep || !(rep.stored + rep.already_present)) {
