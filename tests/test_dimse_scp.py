@@ -12,6 +12,7 @@ import copy
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -47,6 +48,7 @@ from dicomshare.archive import Archive
 from dicomshare.config import load_settings
 from dicomshare.dicom.attributes import Level
 from dicomshare.dicom.matching import Query, condition_for
+from dicomshare.dimse import wire
 
 pytestmark = pytest.mark.skipif(shutil.which("echoscu") is None, reason="DCMTK is not installed")
 
@@ -474,6 +476,44 @@ def test_a_quiet_association_is_audited_while_it_stays_open(dicom: Server) -> No
     r = session.get(f"{dicom.url}/api/audit",
                     params={"action": "study.store", "study": ds.StudyInstanceUID})
     assert len(r.json()) == 1, r.json()
+
+
+def _pdu(context_id: int, fragments: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU of several PDVs (message control header, value), as DCMTK and
+    other peers may send them; pynetdicom sends one PDV per PDU."""
+    items = b"".join(struct.pack(">LBB", len(value) + 2, context_id, control) + value
+                     for control, value in fragments)
+    return struct.pack(">BBL", 0x04, 0, len(items)) + items
+
+
+def test_a_data_set_in_pdus_of_several_pdvs_is_stored_as_sent(dicom: Server) -> None:
+    """Data set fragments, several to a PDU and the last one beside others in its PDU,
+    are written in order: the stored object is the bytes sent."""
+    ds = read_full(sample("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    data = encode(ds, False, True)
+    assert data is not None
+    pieces = [data[i:i + 997] for i in range(0, len(data), 997)]
+    assoc = associate(dicom, [build_context(CT, ExplicitVRLittleEndian)])
+    assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_store: we read the response
+    wait_for(lambda: assoc._is_paused, "the association's reactor to pause")
+    try:
+        cx = assoc.accepted_contexts[0].context_id
+        sock = assoc.dul.socket
+        sock.send(_pdu(cx, [(0x03, wire.c_store_rq(CT, ds.SOPInstanceUID, 7, 2))]))
+        body, last = pieces[:-2], pieces[-2:]
+        for i in range(0, len(body), 3):
+            sock.send(_pdu(cx, [(0x00, piece) for piece in body[i:i + 3]]))
+        sock.send(_pdu(cx, [(0x00, last[0]), (0x02, last[1])]))
+        _, response = assoc.dimse.get_msg(block=True)
+        assert response is not None and response.Status == 0x0000, response
+        assert response.MessageIDBeingRespondedTo == 7
+    finally:
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    stored = wado(dicom, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    offset = wire.data_set_offset(stored)
+    assert offset is not None and stored[offset:] == data
 
 
 def test_association_aborted_mid_store_leaves_nothing(dicom: Server) -> None:

@@ -169,10 +169,15 @@ class Sink(io.BytesIO):
         with self._inbox.lock:
             if self._temp is not None and self._error is None:
                 try:
-                    self._temp.write(bytes(data))
+                    self._temp.write(data)  # bytes, or a memoryview of a received PDU
                 except Exception as exc:  # noqa: BLE001 - disk full: report it in the status
                     self._error = f"{type(exc).__name__}: {exc}"
         return len(data)
+
+    def fragment_writer(self) -> Callable[[Any], int] | None:
+        """Where the upper layer may write further data set fragments directly
+        (reactor.py), once the data set is known to be streamed; None before that."""
+        return self.write if self._started and self.streaming else None
 
     def take(self) -> TempBlob:
         """Hand the complete blob to the caller (who now owns it); raises when it is gone."""

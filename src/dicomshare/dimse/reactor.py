@@ -31,6 +31,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 _TICK = 0.01  # seconds: the longest wait without a signal
 _QUEUED_RAW = 2  # encoded chunks waiting for the socket before a sender waits
 _SENDING_STATES = ("Sta6", "Sta7")  # established, or awaiting a release (PS3.8 9.2)
+_PREALLOCATE = 1 << 20  # bytes of a PDU read ahead of what has arrived
+_P_DATA_TF = 0x04
+_STRAIGHT_MAX = 16 << 20  # larger P-DATA-TF PDUs are left to pynetdicom (and its errors)
+_PDU_HEAD = struct.Struct(">BBL")
+_PDV_LENGTH = struct.Struct(">L")
 
 
 class RawPData(P_DATA):
@@ -110,6 +116,44 @@ def install(assoc: Association) -> None:
     # threading.Thread keeps the target pynetdicom bound at __init__ in _target.
     setattr(dul, "_target", lambda: _run_dul(dul, waker))  # noqa: B010
     setattr(assoc, "_run_reactor", lambda: _run_association(assoc, news))  # noqa: B010
+    if dul.socket is not None:  # an acceptor's; an outbound one gets it in EventLoopAE
+        read_whole_pdus(dul.socket)
+
+
+def read_whole_pdus(sock: AssociationSocket) -> None:
+    setattr(sock, "recv", _Receiver(sock))  # noqa: B010
+
+
+class _Receiver:
+    """``AssociationSocket.recv`` reading a PDU in as few calls as the network allows.
+
+    pynetdicom reads 4 KiB per call and appends each piece: 128 calls for a 512 KiB CT
+    slice. This reads into one buffer sized from the PDU length, and at most
+    ``_PREALLOCATE`` ahead of what arrived (the length is the peer's word, up to 4 GiB).
+    Same result: the bytes asked for, or fewer when the peer closed the connection.
+    """
+
+    def __init__(self, owner: AssociationSocket) -> None:
+        self._owner = owner
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        sock = self._owner.socket
+        assert sock is not None
+        data = bytearray(min(nr_bytes, _PREALLOCATE))
+        got = 0
+        while True:
+            with memoryview(data) as room:
+                while got < len(data):
+                    n = sock.recv_into(room[got:])
+                    if not n:  # closed by the peer: what arrived so far
+                        break
+                    got += n
+            if got < len(data):
+                del data[got:]
+                return data
+            if got >= nr_bytes:
+                return data
+            data.extend(bytes(min(nr_bytes - got, _PREALLOCATE)))
 
 
 def installed(assoc: Association) -> bool:
@@ -145,6 +189,7 @@ class EventLoopAE(AE):
         sock = super()._create_socket(assoc, address, tls_args)
         if self.event_loops:
             install(assoc)
+            read_whole_pdus(sock)
         return sock
 
 
@@ -165,7 +210,7 @@ def _run_dul(dul: Any, waker: _Waker) -> None:
                     continue
                 if dul._process_recv_primitive():
                     pass
-                elif dul._is_transport_event():
+                elif _receive_data_set(dul) or dul._is_transport_event():
                     dul._idle_timer.restart()
             except Exception:
                 log.exception("upper layer failed; aborting the association")
@@ -194,6 +239,79 @@ def _send_raw_head(dul: Any) -> bool:
         # (TLS, a socket timeout), which must not copy megabytes each time.
         dul.socket.send(memoryview(primitive.raw))  # a failure queues Evt17 (closed)
     return True
+
+
+def _receive_data_set(dul: Any) -> bool:
+    """Read a P-DATA-TF PDU that carries only data set fragments, none of them the last,
+    of a message whose data set is being streamed (a C-STORE: inbox.py), and hand the
+    fragments straight to it; False (the socket untouched) for anything else.
+
+    pynetdicom builds PDU, PDV and primitive objects, copies each fragment four times and
+    runs DT-2 for every PDU; three of the four PDUs of a CT slice need none of it. The
+    PDU that ends the message, commands and every other PDU go pynetdicom's way, as do
+    TLS associations (no peeking there). The EVT_DATA_RECV / EVT_PDU_RECV notifications
+    are not raised for the PDUs read here (nothing of ours binds them)."""
+    if dul.state_machine.current_state != "Sta6" or dul.socket is None:
+        return False
+    sink = getattr(dul.assoc.dimse.message, "data_set", None)
+    write = getattr(sink, "fragment_writer", lambda: None)()
+    sock = dul.socket.socket
+    if write is None or sock is None or isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        head = sock.recv(_PDU_HEAD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False  # pynetdicom's own read reports the closed connection
+    if len(head) < _PDU_HEAD.size:
+        return False
+    pdu_type, _, length = _PDU_HEAD.unpack(head)
+    if pdu_type != _P_DATA_TF or length > _STRAIGHT_MAX:
+        return False
+    try:
+        pdu = dul.socket.recv(_PDU_HEAD.size + length)
+    except (OSError, TimeoutError):
+        dul.event_queue.put("Evt17")  # as pynetdicom: the connection closed mid-PDU
+        return True
+    if len(pdu) != _PDU_HEAD.size + length:
+        dul.event_queue.put("Evt17")
+        return True
+    fragments = _data_fragments(pdu)
+    if fragments is None:  # a command, the last fragment or malformed: pynetdicom's way
+        _decoded(dul, pdu)
+        return True
+    for fragment in fragments:
+        write(fragment)
+    return True
+
+
+def _data_fragments(pdu: bytearray) -> list[memoryview] | None:
+    """The PDVs' values when every PDV is a data set fragment that is not the last
+    (message control header xxxxxx00, PS3.8 E.2); None otherwise."""
+    view, offset, end = memoryview(pdu), _PDU_HEAD.size, len(pdu)
+    fragments = []
+    while offset < end:
+        if end - offset < 6:
+            return None
+        (length,) = _PDV_LENGTH.unpack_from(pdu, offset)
+        if length < 2 or offset + 4 + length > end or pdu[offset + 5] & 0x03:
+            return None
+        fragments.append(view[offset + 6:offset + 4 + length])
+        offset += 4 + length
+    return fragments or None
+
+
+def _decoded(dul: Any, pdu: bytearray) -> None:
+    """What pynetdicom's ``_read_pdu_data`` does with a PDU it has read."""
+    try:
+        decoded, event = dul._decode_pdu(pdu)
+    except Exception:
+        log.exception("cannot decode a received PDU")
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(decoded)
 
 
 def _wait(dul: Any, waker: _Waker) -> None:

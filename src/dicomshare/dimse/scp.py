@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, _handlers, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -220,6 +220,7 @@ class DicomService(StorageCommitment):
         with self._lock:
             self._inboxes[id(assoc)] = inbox
         inbox.install()
+        _quiet(assoc)
         _lean_responses(assoc, self.settings.dicom_pending_interval)
         if self.settings.dicom_event_loops:
             reactor.install(assoc)
@@ -681,6 +682,18 @@ def _lean_responses(assoc: Association, interval: float) -> None:
         send(primitive, context_id)
 
     setattr(assoc.dimse, "send_msg", send_msg)  # noqa: B010
+
+
+def _quiet(assoc: Association) -> None:
+    """Unbind pynetdicom's logging handlers while its logger would drop what they say:
+    they format every received and sent message and PDU (a few percent of a C-STORE)."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event, handler in ((evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+                           (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
+                           (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+                           (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler)):
+        assoc.unbind(event, handler)
 
 
 def _no_delay(event: evt.Event) -> None:

@@ -217,6 +217,14 @@ class _Recording(ssl.SSLSocket):
                 self.handshake.failed(exc)
             raise
 
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        try:  # how reactor.py reads PDUs
+            return super().recv_into(buffer, nbytes, flags)
+        except ssl.SSLError as exc:
+            if self.handshake is not None:
+                self.handshake.failed(exc)
+            raise
+
 
 # -- the listener -----------------------------------------------------------------------------
 class TLSServer(ThreadedAssociationServer):

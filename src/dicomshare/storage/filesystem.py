@@ -36,7 +36,7 @@ class FileTemp:
         self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed in close()
         self._synced: Future[None] | None = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._file is not None, "write after close"
         self._file.write(data)
         self._hash.update(data)
