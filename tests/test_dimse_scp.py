@@ -600,6 +600,26 @@ def test_associations_are_spread_over_the_workers(dicom: Server) -> None:
             a.release()
 
 
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def test_the_parent_process_only_supervises(dicom: Server) -> None:
+    """With several workers, ``serve`` checks, binds and then becomes a small supervisor
+    (same process ID): it holds neither the archive's libraries nor their memory."""
+    assert dicom.process is not None
+    parent, workers = dicom.process.pid, _workers(dicom)
+    assert len(workers) > 1
+    command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    assert b"dicomshare.supervisor" in command and b"serve" in command, command
+    libraries = Path(f"/proc/{parent}/maps").read_text()
+    assert "_multiarray_umath" not in libraries and "sqlalchemy" not in libraries
+    assert _rss_kib(parent) < min(_rss_kib(pid) for pid in workers) / 2
+    run("echoscu", "-aet", "ECHOSCU", "-aec", dicom.ae_title, "127.0.0.1",
+        str(dicom.dicom_port))
+
+
 def test_garbage_on_the_port_does_not_stop_the_listener(dicom: Server) -> None:
     for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x01\x00\xff\xff\xff\xff" + b"x" * 100, b""):
         with socket.create_connection(("127.0.0.1", dicom.dicom_port), timeout=30) as sock:

@@ -152,7 +152,6 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     import uvicorn
 
     from dicomshare.access.identity import Identities
-    from dicomshare.web.app import create_app
 
     archive = Archive.open(settings)
     first = Identities(archive.index.engine).bootstrap()
@@ -176,34 +175,37 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     if wanted and dicom is None:
         return 1
     in_workers = dicom is not None and workers > 1 and settings.dicom_in_workers
-    handout = None
+    shared = {}
     if in_workers and dicom is not None:
         from dicomshare.dimse import listeners
 
         ports = {listeners.PLAIN: dicom.port, listeners.TLS: dicom.tls_port}
         dicom.stop()
         dicom = None
-        try:  # the ports stay bound here; the workers accept from them
-            handout = listeners.Handout({name: listeners.bind(settings.dicom_host, port)
-                                         for name, port in ports.items() if port})
+        try:  # the ports stay bound in this process; the workers accept from them
+            shared = {name: listeners.bind(settings.dicom_host, port)
+                      for name, port in ports.items() if port}
         except OSError as exc:
             print(f"error: cannot listen for DICOM: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        settings = dataclasses.replace(settings, dicom_listeners=handout.address)
         print(f"DICOM: served by each of the {workers} worker processes",
               file=sys.stderr, flush=True)
+    if workers > 1 and dicom is None:
+        # Checked and bound: from here this process only supervises (supervisor.py).
+        from dicomshare import supervisor
+
+        archive.close()
+        supervisor.become(dataclasses.replace(settings, workers=workers), shared)
     try:
-        if workers > 1:
-            # Worker processes rebuild the settings from the environment.
-            if dicom is None:
-                archive.close()
-            os.environ.update(settings_environment(settings))
-            # uvicorn kills a worker that does not answer its health ping in time (5 s by
-            # default), dropping the requests in flight; a busy worker on a loaded machine
-            # (de-identifying, rendering) can be that slow without being hung.
-            uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=workers,
-                        timeout_worker_healthcheck=60, **options)
+        if workers > 1:  # the DICOM service stays in this process (dicom_in_workers off)
+            from dicomshare import supervisor
+
+            settings = dataclasses.replace(settings, workers=workers)
+            os.environ.update(settings_environment(settings))  # what the workers read
+            supervisor.run_workers(settings)
         else:
+            from dicomshare.web.app import create_app
+
             app = create_app(settings, archive)
             if dicom is not None:
                 app.state.shutdown_hooks.append(dicom.stop)
@@ -212,8 +214,6 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
         if dicom is not None:
             dicom.stop()
             archive.close()
-        if handout is not None:
-            handout.close()
     return 0
 
 
