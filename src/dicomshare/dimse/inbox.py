@@ -175,8 +175,10 @@ class Sink(io.BytesIO):
         return len(data)
 
     def fragment_writer(self) -> Callable[[Any], int] | None:
-        """Where the upper layer may write further data set fragments directly
-        (reactor.py), once the data set is known to be streamed; None before that."""
+        """Where the upper layer may write data set fragments directly (reactor.py): a
+        C-STORE whose command set is complete streams its data set; None otherwise."""
+        if not self._started and isinstance(self._message, C_STORE_RQ):
+            self.write(b"")  # the temp blob and its Part 10 header, as the first fragment
         return self.write if self._started and self.streaming else None
 
     def take(self) -> TempBlob:

@@ -242,15 +242,16 @@ def _send_raw_head(dul: Any) -> bool:
 
 
 def _receive_data_set(dul: Any) -> bool:
-    """Read a P-DATA-TF PDU that carries only data set fragments, none of them the last,
-    of a message whose data set is being streamed (a C-STORE: inbox.py), and hand the
-    fragments straight to it; False (the socket untouched) for anything else.
+    """Read a P-DATA-TF PDU that carries only data set fragments of a message whose data
+    set is being streamed (a C-STORE: inbox.py), and hand the fragments straight to it;
+    False (the socket untouched) for anything else.
 
     pynetdicom builds PDU, PDV and primitive objects, copies each fragment four times and
-    runs DT-2 for every PDU; three of the four PDUs of a CT slice need none of it. The
-    PDU that ends the message, commands and every other PDU go pynetdicom's way, as do
-    TLS associations (no peeking there). The EVT_DATA_RECV / EVT_PDU_RECV notifications
-    are not raised for the PDUs read here (nothing of ours binds them)."""
+    runs DT-2 for every PDU; of the five PDUs of a CT slice only the command needs that.
+    The fragment that ends the data set still goes to pynetdicom's DIMSE provider, alone
+    (DT-2 without the PDU objects), so the message completes as before. Commands, other
+    PDUs and TLS associations (no peeking there) go pynetdicom's way. EVT_DATA_RECV /
+    EVT_PDU_RECV are not raised for the PDUs read here (nothing of ours binds them)."""
     if dul.state_machine.current_state != "Sta6" or dul.socket is None:
         return False
     sink = getattr(dul.assoc.dimse.message, "data_set", None)
@@ -278,26 +279,36 @@ def _receive_data_set(dul: Any) -> bool:
         dul.event_queue.put("Evt17")
         return True
     fragments = _data_fragments(pdu)
-    if fragments is None:  # a command, the last fragment or malformed: pynetdicom's way
+    if fragments is None:  # a command fragment, or malformed: pynetdicom's way
         _decoded(dul, pdu)
         return True
-    for fragment in fragments:
+    *before, (context_id, control, final) = fragments
+    for _, _, fragment in before:
         write(fragment)
+    if control & 0x02:  # the message is complete: DT-2 with only its last fragment
+        primitive = P_DATA()
+        pdv: Any = [context_id, bytes([control]) + final]  # a list: pynetdicom's setter
+        primitive.presentation_data_value_list = [pdv]  # checks for lists, not tuples
+        dul.assoc.dimse.receive_primitive(primitive)
+    else:
+        write(final)
     return True
 
 
-def _data_fragments(pdu: bytearray) -> list[memoryview] | None:
-    """The PDVs' values when every PDV is a data set fragment that is not the last
-    (message control header xxxxxx00, PS3.8 E.2); None otherwise."""
+def _data_fragments(pdu: bytearray) -> list[tuple[int, int, memoryview]] | None:
+    """(context ID, message control header, value) of each PDV when all are data set
+    fragments and only the last may end the data set (PS3.8 E.2); None otherwise."""
     view, offset, end = memoryview(pdu), _PDU_HEAD.size, len(pdu)
-    fragments = []
+    fragments: list[tuple[int, int, memoryview]] = []
     while offset < end:
         if end - offset < 6:
             return None
         (length,) = _PDV_LENGTH.unpack_from(pdu, offset)
-        if length < 2 or offset + 4 + length > end or pdu[offset + 5] & 0x03:
+        context_id, control = pdu[offset + 4], pdu[offset + 5]
+        if (length < 2 or offset + 4 + length > end or control & 0x01
+                or (fragments and fragments[-1][1] & 0x02)):
             return None
-        fragments.append(view[offset + 6:offset + 4 + length])
+        fragments.append((context_id, control, view[offset + 6:offset + 4 + length]))
         offset += 4 + length
     return fragments or None
 
