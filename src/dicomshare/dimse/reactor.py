@@ -247,7 +247,8 @@ def _receive_data_set(dul: Any) -> bool:
     False (the socket untouched) for anything else.
 
     pynetdicom builds PDU, PDV and primitive objects, copies each fragment four times and
-    runs DT-2 for every PDU; of the five PDUs of a CT slice only the command needs that.
+    runs DT-2 for every PDU; of the six PDUs a CT slice arrives in from DCMTK (128 KiB
+    PDVs) only the command needs that.
     The fragment that ends the data set still goes to pynetdicom's DIMSE provider, alone
     (DT-2 without the PDU objects), so the message completes as before. Commands, other
     PDUs and TLS associations (no peeking there) go pynetdicom's way. EVT_DATA_RECV /
