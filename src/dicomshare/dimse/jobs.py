@@ -35,6 +35,7 @@ from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, check, parse_scopes
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
+from dicomshare.background import Worker
 from dicomshare.dimse import scu
 from dicomshare.dimse.aes import AERegistry
 from dicomshare.errors import Conflict, DicomshareError, Forbidden, InvalidInput, NotFound
@@ -244,45 +245,23 @@ def _may_see(who: Principal, owner_pk: int | None, organisation_pk: int | None) 
 
 
 # -- the worker -----------------------------------------------------------------------------
-class TransferWorker:
-    """Runs transfer jobs in the background of one process, one at a time."""
+class TransferWorker(Worker):
+    """Runs transfer jobs in the background of one process, one at a time. A running job
+    stops at its next check once the worker is stopping, and becomes interrupted."""
+
+    thread_name = "transfer-worker"
 
     def __init__(self, archive: Archive, access: Access, poll_seconds: float = 1.0,
                  stale_seconds: float | None = None) -> None:
+        super().__init__(poll_seconds)
         self.archive = archive
         self.access = access
         self.engine: Engine = archive.index.engine
-        self.poll = poll_seconds
         self.stale = float(stale_seconds if stale_seconds is not None
                            else archive.settings.transfer_stale_seconds)
         self.beat_seconds = max(FLUSH_SECONDS, min(10.0, self.stale / 4))
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[-100:]
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
         self.jobs = TransferJobs(archive, access, self.wake.set)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="transfer-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """A running job stops at its next check and becomes interrupted."""
-        self.stopping.set()
-        self.wake.set()
-        if self._thread is not None:
-            self._thread.join(30)
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:  # noqa: BLE001 - a broken job must not stop the worker
-                log.exception("transfer worker")
-                ran = False
-            if not ran:
-                self.wake.wait(self.poll)
-                self.wake.clear()
 
     def run_once(self) -> bool:
         """Mark abandoned jobs interrupted, claim one queued job and run it; False when

@@ -38,6 +38,7 @@ from dicomshare.access.identity import Identities
 from dicomshare.access.policy import Action, Principal, check, visibility
 from dicomshare.access.service import Access
 from dicomshare.archive import Archive
+from dicomshare.background import Worker
 from dicomshare.errors import DicomshareError, InvalidInput, NotFound
 from dicomshare.research.cohorts import CohortQuery, Member, count, members
 from dicomshare.research.projects import Projects
@@ -195,38 +196,17 @@ def check_options(options: tuple[str, ...]) -> None:
                            f"options are {', '.join(OPTIONS)}")
 
 
-class ExportWorker:
+class ExportWorker(Worker):
     """Runs export jobs in the background of one process, one job at a time."""
+
+    thread_name = "export-worker"
 
     def __init__(self, exports: Exports, identities: Identities, grants: Grants,
                  poll_seconds: float = 2.0) -> None:
+        super().__init__(poll_seconds, exports.wake)
         self.exports = exports
         self.identities = identities
         self.grants = grants
-        self.poll = poll_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="export-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.exports.wake.set()
-        if self._thread is not None:
-            self._thread.join(30)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:  # noqa: BLE001 - a broken job must not stop the worker
-                log.exception("export worker")
-                ran = False
-            if not ran:
-                self.exports.wake.wait(self.poll)
-                self.exports.wake.clear()
 
     def run_once(self) -> bool:
         """Claim one queued (or abandoned) job and run it; False when there is none."""
