@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from dicomshare import supervisor
     from dicomshare.access.identity import Identities
 
     archive = Archive.open(settings)
@@ -163,9 +162,6 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     print(f"dicomshare {__version__}: DICOMweb at http://{settings.http_host}:"
           f"{settings.http_port}{settings.dicomweb_root} (data in {settings.data_dir})",
           file=sys.stderr, flush=True)
-    options: dict[str, Any] = dict(host=settings.http_host, port=settings.http_port,
-                                   log_level=settings.log_level, access_log=False,
-                                   timeout_keep_alive=30)
     workers = settings.workers or min(4, os.cpu_count() or 1)
     # The DICOM service runs in this process; with several HTTP workers (and
     # dicom_in_workers), in each worker instead, on a shared port: this process only
@@ -192,24 +188,22 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     if workers > 1 and dicom is None:
         # Checked and bound: from here this process only supervises (supervisor.py).
-        from dicomshare import supervisor
-
         archive.close()
         supervisor.become(dataclasses.replace(settings, workers=workers), shared)
     try:
         if workers > 1:  # the DICOM service stays in this process (dicom_in_workers off)
-            from dicomshare import supervisor
-
             settings = dataclasses.replace(settings, workers=workers)
             os.environ.update(settings_environment(settings))  # what the workers read
             supervisor.run_workers(settings)
         else:
+            import uvicorn
+
             from dicomshare.web.app import create_app
 
             app = create_app(settings, archive)
             if dicom is not None:
                 app.state.shutdown_hooks.append(dicom.stop)
-            uvicorn.run(app, **options)
+            uvicorn.run(app, **supervisor.http_options(settings))
     finally:
         if dicom is not None:
             dicom.stop()

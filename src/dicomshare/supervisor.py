@@ -16,7 +16,7 @@ import dataclasses
 import os
 import socket
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from dicomshare.config import Settings, load_settings, settings_environment
 
@@ -56,6 +56,12 @@ def main() -> int:
     return 0
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn serves HTTP, with one worker or several."""
+    return dict(host=settings.http_host, port=settings.http_port,
+                log_level=settings.log_level, access_log=False, timeout_keep_alive=30)
+
+
 def run_workers(settings: Settings) -> None:
     """uvicorn's worker manager: ``settings.workers`` processes, each building the app
     from the environment (which must hold ``settings``)."""
@@ -65,9 +71,7 @@ def run_workers(settings: Settings) -> None:
     # default), dropping the requests in flight; a busy worker on a loaded machine
     # (de-identifying, rendering) can be that slow without being hung.
     uvicorn.run("dicomshare.web.app:app_from_env", factory=True, workers=settings.workers,
-                timeout_worker_healthcheck=60, host=settings.http_host,
-                port=settings.http_port, log_level=settings.log_level, access_log=False,
-                timeout_keep_alive=30)
+                timeout_worker_healthcheck=60, **http_options(settings))
 
 
 if __name__ == "__main__":
